@@ -131,3 +131,10 @@ def test_two_processes_equal_one_with_double_batch(tiny_data, tmp_path):
     assert worst < 2e-5, worst   # the same math, summed in another order
     cfg = json.loads((tmp_path/'two'/'config.json').read_text())
     assert cfg['world_size'] == 2
+
+
+def test_a_demo_folder_is_never_overwritten(tmp_path):
+    make_demo(tmp_path/'demo', n=12, seed=0, workers=1)
+    with pytest.raises(ValueError, match='demo_n=20: .* holds a demo of 12 songs'):
+        train(TrainConfig(dataset='demo', data_dir=str(tmp_path/'demo'), demo_n=20, method='bart', alpha=0, output_dir=str(tmp_path/'run')), progress=False)
+    assert len(list((tmp_path/'demo'/'audio').iterdir())) == 12
