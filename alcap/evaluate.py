@@ -4,16 +4,17 @@
 
 # %% ../nbs/04c_evaluate.ipynb #4c0d103c
 from __future__ import annotations
-import argparse, json, os, shlex, sys, tempfile
+import argparse, json, os, shlex, sys
 from pathlib import Path
 import numpy as np
 import pandas as pd
+from .data import atomic_write
 from .metrics import compute_metrics, meteor_tokenizer_name
 from .retrieval import DEFAULT_MODEL, retrieval_scores
 
 # %% auto #0
 __all__ = ['CONFIG_KEYS', 'CAPTION_COLUMNS', 'GROUP_KEYS', 'TABLE1', 'TABLE2', 'PAPER', 'PAPER_ROWS', 'PROVENANCE', 'read_run',
-           'write_atomic', 'evaluate_run', 'aggregate', 'table_frame', 'table_markdown', 'write_tables', 'eval_cli']
+           'evaluate_run', 'aggregate', 'table_frame', 'table_markdown', 'write_tables', 'eval_cli']
 
 # %% ../nbs/04c_evaluate.ipynb #47bc4e64
 CONFIG_KEYS = ("dataset", "method", "alpha", "seed", "text_init", "music_encoder", "hardware", "command")
@@ -28,24 +29,12 @@ def read_run(run_dir) -> tuple[dict, pd.DataFrame]:
     try: cfg = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e: raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
     if missing := [k for k in CONFIG_KEYS if k not in cfg]: raise ValueError(f"{cfg_path}: missing keys {missing}")
+    cfg["music_encoder"] = cfg["music_encoder"] or "none"  # lyrics-only runs have none
     caps = pd.read_csv(cap_path, dtype=str, keep_default_na=False)  # an empty caption stays "", not NaN
     if missing := [c for c in CAPTION_COLUMNS if c not in caps.columns]: raise ValueError(f"{cap_path}: missing columns {missing}")
     if "n_test" in cfg and int(cfg["n_test"]) != len(caps):
         raise ValueError(f"{cap_path}: {len(caps)} rows but {cfg_path} says the test split has {cfg['n_test']} items")
     return cfg, caps
-
-# %% ../nbs/04c_evaluate.ipynb #949c0bc0
-def write_atomic(path, text: str) -> Path:
-    "Write `text` to `path` through a temporary file and `os.replace`: readers never see half a file."
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f: f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True); raise
-    return path
 
 # %% ../nbs/04c_evaluate.ipynb #c8d3ed40
 def evaluate_run(run_dir, model=DEFAULT_MODEL, ks=(5, 10, 20, 30), query_seed: int = 0, retrieval: bool = True, embed=None) -> dict:
@@ -60,7 +49,7 @@ def evaluate_run(run_dir, model=DEFAULT_MODEL, ks=(5, 10, 20, 30), query_seed: i
                 "retrieval_model": None if not retrieval else ("custom embed" if embed else str(model)),
                 "retrieval_query_seed": query_seed, "ks": list(ks)}
     out = {"run": str(Path(run_dir)), "config": cfg, "n_items": len(caps), "n_scored": len(preds), "metrics": scores, "settings": settings}
-    write_atomic(Path(run_dir)/"metrics.json", json.dumps(out, indent=2))
+    atomic_write(Path(run_dir)/"metrics.json", json.dumps(out, indent=2))
     return out
 
 # %% ../nbs/04c_evaluate.ipynb #f393f962
@@ -140,8 +129,8 @@ def write_tables(results: list[dict], out="results", command: str = "alcap-eval"
     paths = []
     for n, metrics, title in ((1, TABLE1, "Table 1: captioning (ROUGE, METEOR)"), (2, TABLE2, "Table 2: text-to-music retrieval (p@k, r@k)")):
         df = table_frame(agg, metrics, n)
-        paths.append(write_atomic(Path(out)/f"table{n}.csv", df.to_csv(index=False, float_format="%.4f")))
-        paths.append(write_atomic(Path(out)/f"table{n}.md", table_markdown(df, metrics, title, command)))
+        paths.append(atomic_write(Path(out)/f"table{n}.csv", df.to_csv(index=False, float_format="%.4f")))
+        paths.append(atomic_write(Path(out)/f"table{n}.md", table_markdown(df, metrics, title, command)))
     return paths
 
 # %% ../nbs/04c_evaluate.ipynb #5270de94
