@@ -27,4 +27,4 @@ def test_main_job_on_a_tiny_demo(tmp_path, monkeypatch):
     for m in ('bart', 'bart-fusion', 'alcap'):
         caps = pd.read_csv(res/f'captions_test_{m}_s0.csv')
         assert len(caps) == 4 and list(caps.columns) == ['id', 'lyrics', 'reference', 'prediction']
-        assert (tmp_path/'runs'/f'{m}_s0.ipynb').exists()   # the executed training notebook
+        assert (tmp_path/'runs'/f'{m}_s0'/'train.ipynb').exists()   # the executed training notebook, in its run folder
