@@ -2,7 +2,7 @@
 
 # %% ../nbs/01_music.ipynb #43fcaa5e
 from __future__ import annotations
-import argparse, csv, functools, importlib.util, json, math, os, struct, sys, tempfile, time, warnings
+import argparse, csv, functools, importlib.util, io, json, math, os, struct, sys, time, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 import torchaudio
 from torch import nn
+
+from .data import atomic_write
 
 # %% auto #0
 __all__ = ['SR', 'MUSICNN_MODELS', 'MTT_TAGS', 'MSD_TAGS', 'PATCH_FRAMES', 'ENCODERS', 'AUDIO_EXTS', 'AudioError', 'load_audio',
@@ -236,19 +238,11 @@ def cache_dir() -> Path:
     "ALCAP's cache folder: `$ALCAP_CACHE` or `~/.cache/alcap`."
     return Path(os.environ.get('ALCAP_CACHE', Path.home() / '.cache' / 'alcap'))
 
-def _atomic_write(path: Path, write_fn, suffix=''):
-    "Call `write_fn(tmp_path)` then rename onto `path`, so readers never see a partial file."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix=suffix + '.tmp')
-    os.close(fd)
-    try: write_fn(tmp); os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp): os.remove(tmp)
 
 # %% ../nbs/01_music.ipynb #ac7cd433
 def load_musicnn(model: str = 'MSD_musicnn', pretrained: bool = True, seed: int = 0) -> MusiCNN:
     "musicnn in eval mode with the wheel's `model` weights (converted once to safetensors), or random weights."
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file, save
     torch.manual_seed(seed)  # only matters for random weights
     net = MusiCNN()
     if not pretrained: return net.eval()
@@ -256,7 +250,7 @@ def load_musicnn(model: str = 'MSD_musicnn', pretrained: bool = True, seed: int 
     st = cache_dir() / 'musicnn' / f'{model}.safetensors'
     if not st.exists():
         sd = musicnn_state_dict_from_tf(read_tf_checkpoint(musicnn_checkpoint(model)))
-        _atomic_write(st, lambda p: save_file(sd, p, metadata={'source': f'musicnn==0.1.0 {model}'}))
+        atomic_write(st, save(sd, metadata={'source': f'musicnn==0.1.0 {model}'}))
     net.load_state_dict(load_file(str(st)), strict=True)
     return net.eval()
 
@@ -466,7 +460,7 @@ def _fc_create(cls, path, encoder_name: str, config: dict, l_m: int, d_m: int) -
             raise ValueError(f'{path} holds features of {old.get("encoder")} {old.get("config")}; use another --out folder')
     else:
         (path / 'shards').mkdir(parents=True, exist_ok=True)
-        _atomic_write(mf, lambda p: Path(p).write_text(json.dumps(man, indent=1)))
+        atomic_write(mf, json.dumps(man, indent=1))
     return cls(path)
 
 # %% ../nbs/01_music.ipynb #0f733ac1
@@ -476,10 +470,9 @@ def _fc_append(self: FeatureCache, ids: list, h: np.ndarray, lengths: list):
     if h.shape != (len(ids), self.l_m, self.d_m): raise ValueError(f'expected {(len(ids), self.l_m, self.d_m)}, got {h.shape}')
     d = self.path / 'shards'; d.mkdir(exist_ok=True)
     n = max([int(p.stem) for p in d.glob('*.npy')] + [-1]) + 1
-    def save(p):
-        with open(p, 'wb') as f: np.save(f, h)
-    _atomic_write(d / f'{n:05d}.npy', save)
-    _atomic_write(d / f'{n:05d}.json', lambda p: Path(p).write_text(json.dumps(dict(ids=list(ids), lengths=[int(x) for x in lengths]))))
+    buf = io.BytesIO(); np.save(buf, h)
+    atomic_write(d / f'{n:05d}.npy', buf.getvalue())
+    atomic_write(d / f'{n:05d}.json', json.dumps(dict(ids=list(ids), lengths=[int(x) for x in lengths])))
     for row, (i, k) in enumerate(zip(ids, lengths)): self._index[i], self._lengths[i] = (f'{n:05d}', row), int(k)
 
 FeatureCache.create, FeatureCache.append = classmethod(_fc_create), _fc_append
@@ -531,9 +524,8 @@ def extract_features(songs, encoder, out, batch_size: int = 16, num_workers: int
 
 # %% ../nbs/01_music.ipynb #f34a3758
 def _write_failures(path, failures):
-    def w(p):
-        with open(p, 'w', newline='') as f: csv.writer(f).writerows([('id', 'path', 'error'), *failures])
-    _atomic_write(path, w)
+    buf = io.StringIO(); csv.writer(buf).writerows([('id', 'path', 'error'), *failures])
+    atomic_write(path, buf.getvalue())
 
 # %% ../nbs/01_music.ipynb #2e23071c
 AUDIO_EXTS = ('.wav', '.flac', '.mp3', '.ogg')
