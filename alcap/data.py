@@ -15,14 +15,14 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['SI_VARIANTS', 'SI_TEST_SIZE', 'DEMO_SR', 'DEMO_SECONDS', 'DEMO_INSTRUMENTS', 'DEMO_TEMPI', 'DEMO_THEMES',
-           'DEMO_SAD_THEMES', 'DEMO_MOODS', 'DEMO_ATTRIBUTE_WORDS', 'BART_SPECIAL_TOKENS', 'Song', 'atomic_write',
-           'write_songs', 'load_songs', 'LyricsCommentData', 'SIUnpickler', 'load_si_pickle', 'load_si_json',
-           'load_si_csvs', 'reference_split', 'assign_reference_split', 'load_table', 'load_ncm_csv',
-           'sample_demo_attributes', 'synth_audio', 'make_lyrics', 'make_caption', 'demo_song', 'demo_splits',
-           'make_demo', 'predictability', 'text_predictability', 'dependence_report', 'demo_attribute_hits',
-           'demo_data_cli', 'train_bpe_tokenizer', 'hub_reachable', 'get_tokenizer', 'bucket_length', 'SongDataset',
-           'Collator', 'LengthGroupedBatchSampler']
+__all__ = ['SI_VARIANTS', 'SI_TEST_SIZE', 'DEMO_SR', 'DEMO_SECONDS', 'DEMO_GENERATOR_VERSION', 'DEMO_INSTRUMENTS', 'DEMO_TEMPI',
+           'DEMO_THEMES', 'DEMO_SAD_THEMES', 'DEMO_MOODS', 'DEMO_ATTRIBUTE_WORDS', 'BART_SPECIAL_TOKENS', 'Song',
+           'atomic_write', 'write_songs', 'load_songs', 'LyricsCommentData', 'SIUnpickler', 'load_si_pickle',
+           'load_si_json', 'load_si_csvs', 'reference_split', 'assign_reference_split', 'load_table', 'load_ncm_csv',
+           'sample_demo_attributes', 'sample_performance', 'record', 'synth_audio', 'make_lyrics', 'make_caption',
+           'demo_song', 'demo_splits', 'make_demo', 'predictability', 'text_predictability', 'dependence_report',
+           'demo_attribute_hits', 'demo_data_cli', 'train_bpe_tokenizer', 'hub_reachable', 'get_tokenizer',
+           'bucket_length', 'SongDataset', 'Collator', 'LengthGroupedBatchSampler']
 
 # %% ../nbs/00_data.ipynb #c2e3f92b
 @dataclass
@@ -218,6 +218,7 @@ def load_ncm_csv(path, audio_dir=None) -> list[Song]:
 
 # %% ../nbs/00_data.ipynb #a96366c3
 DEMO_SR, DEMO_SECONDS = 16_000, 15.0
+DEMO_GENERATOR_VERSION = 2  # bump whenever the same seed would give other songs: stale folders are regenerated
 DEMO_INSTRUMENTS = ('guitar', 'piano', 'strings', 'synth')
 DEMO_TEMPI = {'slow': (62, 80), 'medium': (92, 112), 'fast': (128, 152)}
 DEMO_THEMES = ('love', 'heartbreak', 'war', 'freedom', 'party', 'faith', 'loneliness', 'home')
@@ -262,11 +263,11 @@ def _partials(f0, t, n, decay, inharm=0.0, tilt=1.0):
     amp = (k ** -tilt) * (fk < DEMO_SR / 2)
     return (amp * np.exp(-decay * (0.6 + 0.4 * k) * t) * np.sin(2 * np.pi * fk * t)).sum(0)
 
-def _osc(f0, t, kind, vibrato=0.0):
-    "A sustained oscillator: naive sawtooth or square, optional vibrato."
+def _osc(f0, t, kind, vibrato=0.0, duty=0.5):
+    "A sustained oscillator: naive sawtooth or pulse (square at duty 0.5), optional vibrato."
     phase = f0 * t + (vibrato * f0 / (2 * np.pi * 5.5)) * np.sin(2 * np.pi * 5.5 * t)
     frac = phase % 1.0
-    return 2 * frac - 1 if kind == 'saw' else np.where(frac < 0.5, 1.0, -1.0)
+    return 2 * frac - 1 if kind == 'saw' else np.where(frac < duty, 1.0, -1.0)
 
 # %% ../nbs/00_data.ipynb #69a2e032
 def _add(buf, start_s, x, gain=1.0):
@@ -280,37 +281,56 @@ def _env(t, attack, release, dur):
     "Linear attack, hold, linear release."
     return np.clip(t / attack, 0, 1) * np.clip((dur - t) / release, 0, 1)
 
-def _play_instrument(buf, a, beat, rng):
-    "Render the instrument part of a song into `buf`."
-    n_bars, inst, mode, root = int(np.ceil(len(buf) / DEMO_SR / (4 * beat))), a['instrument'], a['mode'], a['root']
+def sample_performance(rng: np.random.Generator) -> dict:
+    "How one song's instrument is played: pattern (0 or 1), register shift and timbre settings."
+    return dict(pattern=int(rng.integers(2)), shift=int(rng.choice((-12, 0, 12))), decay=rng.uniform(2.5, 6.0),
+                bright=rng.uniform(0.5, 1.1), piano_decay=rng.uniform(0.9, 1.8), piano_tilt=rng.uniform(1.0, 1.6),
+                vibrato=rng.uniform(0.003, 0.01), detune=rng.uniform(0.002, 0.007), duty=rng.uniform(0.3, 0.5))
+
+def _play_instrument(buf, a, beat, rng, p):
+    "Render the instrument part of a song into `buf`, played as performance `p`."
+    n_bars, inst, mode, root = int(np.ceil(len(buf) / DEMO_SR / (4 * beat))), a['instrument'], a['mode'], a['root'] + p['shift']
     cache = {}
     def tone(key, make):  # the progression repeats, so each distinct note is synthesised once per song
         if key not in cache: cache[key] = make()
         return cache[key]
-    t_pluck, t_strike = np.arange(int(0.9 * DEMO_SR)) / DEMO_SR, np.arange(int(1.5 * beat * DEMO_SR)) / DEMO_SR
-    t_bar, t_eighth = np.arange(int(4 * beat * DEMO_SR)) / DEMO_SR, np.arange(int(beat / 2 * DEMO_SR)) / DEMO_SR
+    secs = lambda s: np.arange(int(s * DEMO_SR)) / DEMO_SR
+    t_pluck, t_strike, t_bar, t_half, t_eighth = secs(0.9), secs(1.5 * beat), secs(4 * beat), secs(2 * beat), secs(beat / 2)
+    pluck = lambda n: tone(('pluck', n), lambda: _partials(_hz(n), t_pluck, 8, p['decay'], tilt=p['bright']))
+    strike = lambda n, t: _partials(_hz(n), t, 10, 1.5 * p['piano_decay'], inharm=2e-4, tilt=p['piano_tilt'])
+    bowed = lambda notes, t: sum(_osc(_hz(n) * (1 + d), t, 'saw', vibrato=p['vibrato']) for n in notes for d in (-p['detune'], p['detune']))
+    square = lambda n, t: _osc(_hz(n), t, 'pulse', duty=p['duty'])
     for bar in range(n_bars):
         chord = _chord(root, mode, _PROGRESSIONS[mode][bar % 4])
+        arpeggio = [(chord + [chord[0] + 12])[k] + 12 for k in (0, 1, 2, 3, 2, 1, 2, 3)]
         t0 = bar * 4 * beat
-        if inst == 'guitar':  # arpeggio on eighth notes, each note rings
-            for j in range(8):
-                note = (chord + [chord[0] + 12])[(0, 1, 2, 3, 2, 1, 2, 3)[j]] + 12
-                _add(buf, t0 + j * beat / 2, tone(note, lambda: _partials(_hz(note), t_pluck, 8, 4.0, tilt=0.8)), 0.3 * rng.uniform(0.8, 1.0))
-        elif inst == 'piano':  # bass note per bar, block chord on each beat
-            _add(buf, t0, tone(('bass', chord[0]), lambda: _partials(_hz(chord[0] - 12), t_bar, 10, 1.2, inharm=2e-4, tilt=1.2)), 0.35)
-            block = tone(tuple(chord), lambda: sum(_partials(_hz(n + 12), t_strike, 10, 1.8, inharm=2e-4, tilt=1.4) for n in chord))
-            for j in range(4): _add(buf, t0 + j * beat, block, 0.18 * rng.uniform(0.85, 1.0))
-        elif inst == 'strings':  # sustained detuned sawtooth chord with vibrato and a slow attack
-            env = _env(t_bar, 0.35, 0.3, 4 * beat)
-            pad = tone(tuple(chord), lambda: sum(_osc(_hz(n + 12) * (1 + d), t_bar, 'saw', vibrato=0.006)
-                                              for n in chord + [chord[0] - 12] for d in (-0.004, 0.004)) * env)
-            _add(buf, t0, pad, 0.06)
-        else:  # synth: square lead on eighths over a square bass
-            env_bar, env8 = _env(t_bar, 0.01, 0.05, 4 * beat), _env(t_eighth, 0.01, 0.04, beat / 2)
-            _add(buf, t0, tone(('bass', chord[0]), lambda: _osc(_hz(chord[0] - 12), t_bar, 'square') * env_bar), 0.08)
-            for j in range(8):
-                note = chord[rng.integers(3)] + 24
-                _add(buf, t0 + j * beat / 2, tone(note, lambda: _osc(_hz(note), t_eighth, 'square') * env8), 0.12)
+        if inst == 'guitar':
+            if p['pattern'] == 0:  # arpeggio on eighth notes, each note rings
+                for j in range(8): _add(buf, t0 + j * beat / 2, pluck(arpeggio[j]), 0.3 * rng.uniform(0.8, 1.0))
+            else:  # a strum on every beat: the strings 12 ms apart
+                for j in range(4):
+                    for k, n in enumerate(chord + [chord[0] + 12]): _add(buf, t0 + j * beat + 0.012 * k, pluck(n + 12), 0.15 * rng.uniform(0.8, 1.0))
+        elif inst == 'piano':  # a bass note per bar under block chords on each beat, or a broken chord on eighths
+            _add(buf, t0, tone(('bass', chord[0]), lambda: _partials(_hz(chord[0] - 12), t_bar, 10, p['piano_decay'], inharm=2e-4, tilt=1.2)), 0.35)
+            if p['pattern'] == 0:
+                block = tone(tuple(chord), lambda: sum(strike(n + 12, t_strike) for n in chord))
+                for j in range(4): _add(buf, t0 + j * beat, block, 0.18 * rng.uniform(0.85, 1.0))
+            else:
+                for j in range(8): _add(buf, t0 + j * beat / 2, tone(('broken', arpeggio[j]), lambda: strike(arpeggio[j], t_pluck)), 0.22 * rng.uniform(0.8, 1.0))
+        elif inst == 'strings':  # detuned sawtooth chords with vibrato and a slow attack, held a bar or bowed twice
+            notes = [n + 12 for n in chord] + [chord[0] - 12]
+            if p['pattern'] == 0: _add(buf, t0, tone(tuple(chord), lambda: bowed(notes, t_bar) * _env(t_bar, 0.35, 0.3, 4 * beat)), 0.06)
+            else:
+                pad = tone(('half',) + tuple(chord), lambda: bowed(notes, t_half) * _env(t_half, 0.12, 0.15, 2 * beat))
+                for j in range(2): _add(buf, t0 + 2 * j * beat, pad, 0.06)
+        else:  # synth: a pulse-wave bass under a lead on eighths, or under a held chord
+            _add(buf, t0, tone(('bass', chord[0]), lambda: square(chord[0] - 12, t_bar) * _env(t_bar, 0.01, 0.05, 4 * beat)), 0.08)
+            if p['pattern'] == 0:
+                env8 = _env(t_eighth, 0.01, 0.04, beat / 2)
+                for j in range(8):
+                    note = chord[rng.integers(3)] + 24
+                    _add(buf, t0 + j * beat / 2, tone(note, lambda: square(note, t_eighth) * env8), 0.12)
+            else: _add(buf, t0, tone(tuple(chord), lambda: sum(square(n + 12, t_bar) for n in chord) * _env(t_bar, 0.2, 0.3, 4 * beat)), 0.06)
 
 def _play_drums(buf, beat, rng):
     "Kick on 1 and 3, snare on 2 and 4, hi-hats on eighths."
@@ -323,13 +343,31 @@ def _play_drums(buf, beat, rng):
         _add(buf, j * beat, kick if j % 2 == 0 else snare, 0.5 if j % 2 == 0 else 0.3)
         for h in (0, 0.5): _add(buf, (j + h) * beat, hat, 0.12)
 
+# %% ../nbs/00_data.ipynb #0889462a
+def record(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    "A random recording chain: equaliser, room reverb, pink background noise."
+    n = len(x)
+    lf = np.log2(np.maximum(np.fft.rfftfreq(n, 1 / DEMO_SR), 20) / 1000)  # octaves from 1 kHz
+    gain_db = rng.uniform(-4, 4) * lf
+    for _ in range(2): gain_db += rng.uniform(-10, 10) * np.exp(-0.5 * ((lf - rng.uniform(-3, 2.5)) / rng.uniform(0.4, 1.2)) ** 2)
+    x = np.fft.irfft(np.fft.rfft(x) * 10 ** (gain_db / 20), n)
+    rt60 = rng.uniform(0.3, 2.0)  # a room: exponentially decaying noise, -60 dB after rt60 seconds
+    t = np.arange(int(rt60 * DEMO_SR)) / DEMO_SR
+    ir = rng.standard_normal(len(t)) * np.exp(-6.9 * t / rt60)
+    m = 1 << (n + len(ir) - 1).bit_length()  # a power of two: FFTs of lengths with large prime factors are 10x slower
+    wet = np.fft.irfft(np.fft.rfft(x, m) * np.fft.rfft(ir, m), m)[:n]
+    mix = rng.uniform(0.1, 0.6)
+    x = (1 - mix) * x + mix * wet * x.std() / (wet.std() + 1e-12)
+    pink = np.fft.irfft(np.fft.rfft(rng.standard_normal(n)) / np.sqrt(np.maximum(np.arange(n // 2 + 1), 1)), n)
+    return x + pink * x.std() / pink.std() * 10 ** (-rng.uniform(5, 25) / 20)
+
 def synth_audio(a: dict, rng: np.random.Generator, seconds: float = DEMO_SECONDS) -> np.ndarray:
-    "Synthesise a song's audio (mono float32 at 16 kHz) from its attributes."
+    "Synthesise a song's audio (mono float32 at 16 kHz) from its attributes, with a random performance and recording."
     buf = np.zeros(int(seconds * DEMO_SR))
     beat = 60.0 / a['bpm']
-    _play_instrument(buf, a, beat, rng)
+    _play_instrument(buf, a, beat, rng, sample_performance(rng))
     if a['drums']: _play_drums(buf, beat, rng)
-    buf += 1e-3 * rng.standard_normal(len(buf))  # a noise floor, like a recording
+    buf = record(buf, rng) + 1e-3 * rng.standard_normal(len(buf))  # and a noise floor
     return (0.89 * buf / np.abs(buf).max()).astype(np.float32)
 
 # %% ../nbs/00_data.ipynb #f6567ba2
@@ -443,7 +481,7 @@ def _write_demo_song(args) -> Song:
     atomic_write(Path(out)/song.audio_path, buf.getvalue())
     return song
 
-# %% ../nbs/00_data.ipynb #3a7236d5
+# %% ../nbs/00_data.ipynb #12f8e3eb
 def demo_splits(n: int, seed: int = 0, fracs=(0.8, 0.1, 0.1)) -> list[str]:
     "The split of each of `n` songs: a seeded permutation cut 80/10/10."
     perm = np.random.default_rng([seed, 10**9]).permutation(n)
@@ -464,7 +502,7 @@ def make_demo(out, n: int = 800, seed: int = 0, workers: int|None = None) -> lis
         with ProcessPoolExecutor(workers) as ex: songs = list(ex.map(_self._write_demo_song, jobs, chunksize=8))
     for s, sp in zip(songs, demo_splits(n, seed)): s.split = sp
     write_songs(songs, out/'metadata.jsonl')
-    manifest = dict(name='alcap-demo', generator_version=1, n=n, seed=seed, sample_rate=DEMO_SR, seconds=DEMO_SECONDS,
+    manifest = dict(name='alcap-demo', generator_version=DEMO_GENERATOR_VERSION, n=n, seed=seed, sample_rate=DEMO_SR, seconds=DEMO_SECONDS,
                     splits=dict(Counter(s.split for s in songs)), attributes=sorted(songs[0].meta) if songs else [])
     atomic_write(out/'dataset.json', json.dumps(manifest, indent=1, sort_keys=True))
     return load_songs(out)  # as any reader sees them: audio paths absolute

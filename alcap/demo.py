@@ -4,11 +4,11 @@
 
 # %% ../nbs/09_demo.ipynb #b277d82c
 from __future__ import annotations
-import argparse, json, platform, sys, time
+import argparse, json, platform, shutil, sys, time
 from collections import Counter
 from pathlib import Path
 
-from .data import atomic_write, dependence_report, load_songs, make_demo
+from .data import DEMO_GENERATOR_VERSION, atomic_write, dependence_report, load_songs, make_demo
 
 METHOD_ALPHA = {'bart': 0.0, 'bart-fusion': 0.0, 'alcap': 0.02}
 
@@ -18,12 +18,17 @@ __all__ = ['METHOD_ALPHA', 'ensure_demo_data', 'provenance', 'dataset_summary', 
 
 # %% ../nbs/09_demo.ipynb #6660f659
 def ensure_demo_data(folder, n: int = 800, seed: int = 0) -> list:
-    "The demo dataset in `folder`, generated unless it is already there with the same `n` and `seed`."
+    "The demo dataset in `folder`, generated unless it is already there with the same `n`, `seed` and generator version."
     folder = Path(folder)
     manifest = folder/'dataset.json'
     if manifest.exists():
         m = json.loads(manifest.read_text())
-        if (m.get('n'), m.get('seed')) == (n, seed): return load_songs(folder)
+        same_songs = (m.get('seed'), m.get('generator_version')) == (seed, DEMO_GENERATOR_VERSION)
+        if same_songs and m.get('n') == n: return load_songs(folder)
+        manifest.unlink()  # an interrupted regeneration must not look finished
+        if not same_songs and (folder/'features').exists():  # features of other audio under the same song ids
+            print(f'{folder}: the demo changed (seed or generator version): removing its stale features', file=sys.stderr)
+            shutil.rmtree(folder/'features')
     return make_demo(folder, n=n, seed=seed)
 
 # %% ../nbs/09_demo.ipynb #f4ac8fad
@@ -45,7 +50,7 @@ def dataset_summary(songs, command: str, seed: int) -> str:
     out += ['', '## How well each hidden attribute can be predicted', '',
             'Accuracy of the best guess from the theme (in-sample), and of a TF-IDF logistic regression on the lyrics or',
             'the caption text (held-out 25%). Chance is the majority class.', '', rep.to_markdown(), '',
-            '## Provenance', '', provenance(command, seed, data='the built-in demo dataset (synthesised, `alcap.data.make_demo`)')]
+            '## Provenance', '', provenance(command, seed, data=f'the built-in demo dataset (synthesised, `alcap.data.make_demo`, generator version {DEMO_GENERATOR_VERSION})')]
     return '\n'.join(out) + '\n'
 
 # %% ../nbs/09_demo.ipynb #7998e27f
@@ -80,7 +85,12 @@ def train_method(method: str, seed: int, data: Path, runs: Path, **params) -> Pa
     "Train one method via papermill on nbs/03_train.ipynb; returns its run folder."
     import papermill as pm
     out = runs/f'{method}_s{seed}'
-    if (out/'summary.json').exists(): return out
+    if (out/'summary.json').exists():
+        trained_on = json.loads((out/'config.json').read_text()).get('data_manifest')
+        if trained_on != json.loads((Path(data)/'dataset.json').read_text()):
+            raise ValueError(f'{out} was trained on another version of the demo data than {data} holds now: '
+                             f'delete {out} (or pass --runs with another folder) to train it again')
+        return out
     out.mkdir(parents=True, exist_ok=True)
     parameters = dict(dataset='demo', data_dir=str(data), method=method, alpha=METHOD_ALPHA[method], seed=seed, output_dir=str(out), **params)
     pm.execute_notebook(str(repo_root()/'nbs'/'03_train.ipynb'), str(out/'train.ipynb'), parameters=parameters,
@@ -114,7 +124,7 @@ def loss_plot(run_dirs, path):
     for a in ax: a.legend()
     fig.tight_layout(); fig.savefig(path, dpi=100); plt.close(fig)
 
-# %% ../nbs/09_demo.ipynb #005fba33
+# %% ../nbs/09_demo.ipynb #34020f2f
 def write_demo_results(run_dirs, results: Path, command: str, seeds):
     "Metrics tables, attribute scores, captions and the loss plot of the demo runs, with provenance."
     from alcap.evaluate import evaluate_run, write_tables
@@ -123,13 +133,15 @@ def write_demo_results(run_dirs, results: Path, command: str, seeds):
     write_tables(scored, out=results, command=command)
     att = attribute_table(run_dirs)
     att.to_csv(results/'attributes.csv', index=False)
+    m = json.loads((Path(run_dirs[0])/'config.json').read_text()).get('data_manifest') or {}  # what the runs were trained on
+    n_test = ', '.join(map(str, sorted(set(att['n_test']))))
     md = ['# Demo: do the captions know what only the music tells?', '',
-          'Share of generated test captions (80 songs) that name the true instrument, tempo and mood of the song',
+          f'Share of generated test captions ({n_test} songs) that name the true instrument, tempo and mood of the song',
           '(`attribute_score` is their mean) and its lyrical theme. BART sees only the lyrics; BART-fusion and ALCAP also',
           'hear the music. The text model is a **small randomly initialised BART** trained on the demo only: these numbers',
           'check the pipeline and the method on synthetic data; they are not a reproduction of the paper.', '',
           att.to_markdown(index=False), '', '## Provenance', '',
-          provenance(command, seeds, data='built-in demo dataset, 800 songs (seed 0), test split 80 songs',
+          provenance(command, seeds, data=f"built-in demo dataset, {m.get('n')} songs (seed {m.get('seed')}, generator version {m.get('generator_version')}), test split {n_test} songs",
                      model='random-init BART (d_model 128, 4+4 layers, BPE trained on the training split); frozen pretrained MSD musicnn features')]
     atomic_write(results/'attributes.md', '\n'.join(md) + '\n')
     for r in run_dirs: atomic_write(results/f'captions_test_{Path(r).name}.csv', (Path(r)/'captions_test.csv').read_text())

@@ -13,8 +13,9 @@ from .metrics import compute_metrics, meteor_tokenizer_name
 from .retrieval import DEFAULT_MODEL, retrieval_scores
 
 # %% auto #0
-__all__ = ['CONFIG_KEYS', 'CAPTION_COLUMNS', 'GROUP_KEYS', 'TABLE1', 'TABLE2', 'PAPER', 'PAPER_ROWS', 'PROVENANCE', 'read_run',
-           'evaluate_run', 'aggregate', 'table_frame', 'table_markdown', 'write_tables', 'eval_cli']
+__all__ = ['CONFIG_KEYS', 'CAPTION_COLUMNS', 'GROUP_KEYS', 'TABLE1', 'TABLE2', 'PAPER', 'PAPER_COLUMNS', 'PAPER_ROWS',
+           'PROVENANCE', 'read_run', 'evaluate_run', 'aggregate', 'read_paper_numbers', 'table_frame', 'table_markdown',
+           'write_tables', 'eval_cli']
 
 # %% ../nbs/04c_evaluate.ipynb #47bc4e64
 CONFIG_KEYS = ("dataset", "method", "alpha", "seed", "text_init", "music_encoder", "hardware", "command")
@@ -75,11 +76,40 @@ def aggregate(results: list[dict]) -> pd.DataFrame:
 TABLE1 = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "meteor": "METEOR"}
 TABLE2 = {f"{m}@{k}": f"{m}@{k}" for m in "pr" for k in (5, 10, 20, 30)}
 PAPER = "paper (He et al., ALCAP)"
-PAPER_ROWS: list[dict] = []  # published values x100, e.g. {"table": 1, "dataset": ..., "method": ..., "rouge1": ...}
+PAPER_COLUMNS = ("table", "dataset", "method", "reference")
+PAPER_ROWS: list[dict] = []  # the default paper rows of `table_frame`: fill with `read_paper_numbers`
 PROVENANCE = ["data", "seeds", "initialisation", "music_encoder", "hardware"]
 
+# %% ../nbs/04c_evaluate.ipynb #8bae758c
+def read_paper_numbers(path) -> list[dict]:
+    "The paper's published rows from a CSV (`table, dataset, method, reference` + metric columns x100), checked."
+    path = Path(path)
+    if not path.is_file(): raise FileNotFoundError(f"{path}: no such paper-numbers CSV")
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    metrics = {**TABLE1, **TABLE2}
+    if missing := [c for c in PAPER_COLUMNS if c not in df.columns]: raise ValueError(f"{path}: missing columns {missing}")
+    if unknown := [c for c in df.columns if c not in PAPER_COLUMNS and c not in metrics]:
+        raise ValueError(f"{path}: unknown columns {unknown} (metrics are {list(metrics)})")
+    rows = []
+    for i, r in df.iterrows():
+        where = f"{path}: row {i + 2}"  # row 1 is the header
+        if r["table"] not in ("1", "2"): raise ValueError(f"{where}: field 'table' must be 1 or 2, not {r['table']!r}")
+        for c in ("dataset", "method", "reference"):
+            if not r[c].strip(): raise ValueError(f"{where}: field {c!r} is empty")
+        own = TABLE1 if r["table"] == "1" else TABLE2
+        row = dict(table=int(r["table"]), dataset=r["dataset"], method=r["method"], note=f"published: {r['reference']}")
+        for m in metrics:
+            if m not in df.columns or r[m].strip() == "": continue
+            if m not in own: raise ValueError(f"{where}: field {m!r} is not a Table {r['table']} metric")
+            try: v = float(r[m])
+            except ValueError: raise ValueError(f"{where}: field {m!r} is not a number: {r[m]!r}") from None
+            if not 0 <= v <= 100: raise ValueError(f"{where}: field {m!r} = {v} is outside [0, 100] (scores are x100)")
+            row[m] = v
+        rows.append(row)
+    return rows
+
 # %% ../nbs/04c_evaluate.ipynb #56e6acc9
-def table_frame(agg: pd.DataFrame, metrics: dict, table: int) -> pd.DataFrame:
+def table_frame(agg: pd.DataFrame, metrics: dict, table: int, paper_rows: list[dict]|None = None) -> pd.DataFrame:
     "Rows of ours (mean, std x100, provenance), then the paper's rows or a placeholder saying they are missing."
     rows = []
     for _, a in agg.iterrows():
@@ -89,9 +119,9 @@ def table_frame(agg: pd.DataFrame, metrics: dict, table: int) -> pd.DataFrame:
         for m in metrics: row[m], row[f"{m}_std"] = 100 * a.get(m, np.nan), 100 * a.get(f"{m}_std", np.nan)
         row["note"] = "random text init: not comparable with the paper's pretrained BART" if str(a["text_init"]).startswith("random") else ""
         rows.append(row)
-    paper = [r for r in PAPER_ROWS if r.get("table") == table]
+    paper = [r for r in (PAPER_ROWS if paper_rows is None else paper_rows) if r.get("table") == table]
     rows += [dict(source=PAPER, **{k: v for k, v in r.items() if k != "table"}) for r in paper] or [
-        dict(source=PAPER, note="paper values not available offline: not filled in")]
+        dict(source=PAPER, note="paper values not filled in: pass alcap-eval --paper FILE (see results/paper_numbers.csv)")]
     cols = ["source", "dataset", "method", "alpha", "n_seeds", *[c for m in metrics for c in (m, f"{m}_std")], *PROVENANCE, "command", "note"]
     return pd.DataFrame(rows).reindex(columns=cols)
 
@@ -123,12 +153,12 @@ def table_markdown(df: pd.DataFrame, metrics: dict, title: str, command: str) ->
     return "\n".join(notes + lines) + "\n"
 
 # %% ../nbs/04c_evaluate.ipynb #9be19617
-def write_tables(results: list[dict], out="results", command: str = "alcap-eval") -> list[Path]:
+def write_tables(results: list[dict], out="results", command: str = "alcap-eval", paper_rows: list[dict]|None = None) -> list[Path]:
     "Write Table 1 and Table 2 (CSV and Markdown) for scored runs to `out`."
     agg = aggregate(results) if results else pd.DataFrame(columns=[*GROUP_KEYS, "n_seeds", "seeds", "n_items", "hardware", "music_encoder", "command"])
     paths = []
     for n, metrics, title in ((1, TABLE1, "Table 1: captioning (ROUGE, METEOR)"), (2, TABLE2, "Table 2: text-to-music retrieval (p@k, r@k)")):
-        df = table_frame(agg, metrics, n)
+        df = table_frame(agg, metrics, n, paper_rows)
         paths.append(atomic_write(Path(out)/f"table{n}.csv", df.to_csv(index=False, float_format="%.4f")))
         paths.append(atomic_write(Path(out)/f"table{n}.md", table_markdown(df, metrics, title, command)))
     return paths
@@ -143,11 +173,12 @@ def eval_cli(argv=None):
     p.add_argument("--ks", type=int, nargs="+", default=[5, 10, 20, 30])
     p.add_argument("--query-seed", type=int, default=0, help="seed choosing each reference's query sentence")
     p.add_argument("--no-retrieval", action="store_true", help="skip Table 2's retrieval scores")
+    p.add_argument("--paper", help="CSV of the paper's published rows to put beside ours (see results/paper_numbers.csv)")
     args = p.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
-    results = []
+    paper_rows, results = (read_paper_numbers(args.paper) if args.paper else None), []
     for r in args.runs:
         results.append(evaluate_run(r, model=args.model, ks=tuple(args.ks), query_seed=args.query_seed, retrieval=not args.no_retrieval))
         m = results[-1]["metrics"]
         print(f"{r}: {results[-1]['n_scored']} items, " + ", ".join(f"{k} {100 * m[k]:.2f}" for k in ("rouge1", "rouge2", "rougeL", "meteor")))
-    for path in write_tables(results, args.out, command=shlex.join(["alcap-eval", *argv])): print(f"wrote {path}")
+    for path in write_tables(results, args.out, command=shlex.join(["alcap-eval", *argv]), paper_rows=paper_rows): print(f"wrote {path}")

@@ -376,6 +376,9 @@ def train(c: TrainConfig, command: str|None = None, progress: bool = True) -> di
     params = asdict(c)
     if (out/'config.json').exists(): _check_same_run(out, params)
     songs = load_dataset_songs(c)
+    data_manifest = json.loads(m.read_text()) if (m := Path(c.data_dir)/'dataset.json').exists() else None
+    if (out/'config.json').exists() and json.loads((out/'config.json').read_text()).get('data_manifest') != data_manifest:
+        raise ValueError(f"{out} holds a run on other data than {c.data_dir} holds now (its dataset.json differs): use another output_dir")
     split = {k: [s for s in songs if s.split == k] for k in ('train', 'val', 'test')}
     tokenizer = ctx.main_first(lambda: run_tokenizer(c, split['train'], out))
     features = ctx.main_first(lambda: ensure_features(c, songs))
@@ -393,7 +396,7 @@ def train(c: TrainConfig, command: str|None = None, progress: bool = True) -> di
     if ctx.main and not resumed:
         meta = dict(parameters=params, text_init=model.config.text_init, tokenizer=tokenizer.alcap_source, dataset=c.dataset,
                     method=c.method, alpha=c.alpha, seed=c.seed, music_encoder='none' if c.method == 'bart' else c.music_encoder,
-                    n_test=len(split['test']),
+                    n_test=len(split['test']), data_manifest=data_manifest,
                     n_params=sum(p.numel() for p in model.parameters()), world_size=ctx.world, hardware=hardware(),
                     torch=torch.__version__, command=command or 'alcap.train.train(...)', started=time.strftime('%Y-%m-%d %H:%M:%S'))
         atomic_write(out/'config.json', json.dumps(meta, indent=1))

@@ -91,10 +91,24 @@ def test_tables_have_ours_beside_labelled_paper_rows_and_provenance(tmp_path):
     assert t2.loc[0, "r@5"] == pytest.approx(100.0) and t2.loc[0, "p@5"] == pytest.approx(20.0)
     assert t1.loc[0, "seeds"] == "0 1" and t1.loc[0, "initialisation"] == "random" and "13 items" in t1.loc[0, "data"]
     assert t1.loc[0, "hardware"] == "2 CPU cores (test)"
-    assert "not available offline" in t1.loc[1, "note"]
+    assert "paper values not filled in" in t1.loc[1, "note"]
     md = (tmp_path / "out" / "table1.md").read_text()
     assert "| ours | demo | ALCAP | 0.02 | 100.00 ± 0.00 |" in md and "paper (He et al., ALCAP)" in md
     assert "No run of ours" not in md and "`alcap-eval test`" in md
+
+
+def test_cli_puts_the_papers_rows_from_a_csv_beside_ours(tmp_path):
+    run = make_run(tmp_path, "a0", seed=0)
+    paper = tmp_path / "paper.csv"
+    paper.write_text("table,dataset,method,reference,rouge1,rouge2,rougeL,meteor\nSI,x,y,z,1,2,3,4\n")
+    with pytest.raises(ValueError, match="paper.csv: row 2: field 'table'"):
+        eval_cli([str(run), "--out", str(tmp_path / "o"), "--no-retrieval", "--paper", str(paper)])
+    paper.write_text("table,dataset,method,reference,rouge1,rouge2,rougeL,meteor\n1,SI Full,ALCAP,test row,41.5,12.25,30,20\n")
+    eval_cli([str(run), "--out", str(tmp_path / "o"), "--no-retrieval", "--paper", str(paper)])
+    t1 = pd.read_csv(tmp_path / "o" / "table1.csv")
+    assert list(t1["source"]) == ["ours", PAPER] and t1.loc[1, "rouge2"] == 12.25 and t1.loc[1, "note"] == "published: test row"
+    assert "| paper (He et al., ALCAP) | SI Full | ALCAP |  | 41.50 | 12.25 | 30.00 | 20.00 |" in (tmp_path / "o" / "table1.md").read_text()
+    assert "paper values not filled in" in pd.read_csv(tmp_path / "o" / "table2.csv")["note"].iloc[-1]
 
 
 def test_tables_without_runs_say_so(tmp_path):
