@@ -367,6 +367,7 @@ def _check_same_run(out: Path, cfg: dict):
     if diff: raise ValueError(f"{out} holds a run with other parameters {diff} (old, new): use another output_dir")
 
 # %% ../nbs/03_train.ipynb #8fc5c1f5
+@torch.enable_grad()  # whatever grad mode the caller's session is in
 def train(c: TrainConfig, command: str|None = None, progress: bool = True) -> dict:
     "Train one model as configured; resume from `output_dir` if it holds a checkpoint. Returns a summary."
     from tqdm import tqdm

@@ -74,6 +74,12 @@ def test_resuming_a_run_on_other_data_is_refused(tiny_data, tmp_path):
         train(cfg(), progress=False)
 
 
+def test_train_works_where_grad_is_disabled(tiny_data, tmp_path):
+    torch.set_grad_enabled(False)  # as a notebook run before it in the same process may leave it
+    try: assert train(tiny_config(tiny_data, tmp_path, max_steps=1), progress=False)['status'] == 'stopped'
+    finally: torch.set_grad_enabled(True)
+
+
 # --- checkpoints and resume ----------------------------------------------------------------------------
 
 def test_resume_is_bit_identical(tiny_data, tmp_path):
