@@ -14,7 +14,7 @@ METHOD_ALPHA = {'bart': 0.0, 'bart-fusion': 0.0, 'alcap': 0.02}
 
 # %% auto #0
 __all__ = ['METHOD_ALPHA', 'ensure_demo_data', 'provenance', 'dataset_summary', 'ensure_features', 'repo_root', 'yaml_value',
-           'train_method', 'attribute_table', 'loss_plot', 'write_demo_results', 'main']
+           'finished_run', 'train_method', 'attribute_table', 'loss_plot', 'write_demo_results', 'main']
 
 # %% ../nbs/09_demo.ipynb #6660f659
 def ensure_demo_data(folder, n: int = 800, seed: int = 0) -> list:
@@ -81,16 +81,20 @@ def yaml_value(v: str):
         except ValueError: pass
     return v
 
+def finished_run(out: Path, data: Path) -> bool:
+    "Whether `out` holds a finished run; an error if that run was trained on other demo data than `data` holds now."
+    if not (Path(out)/'summary.json').exists(): return False
+    trained_on = json.loads((Path(out)/'config.json').read_text()).get('data_manifest')
+    if trained_on != json.loads((Path(data)/'dataset.json').read_text()):
+        raise ValueError(f'{out} was trained on another version of the demo data than {data} holds now: '
+                         f'delete {out} (or pass --runs with another folder) to train it again')
+    return True
+
 def train_method(method: str, seed: int, data: Path, runs: Path, **params) -> Path:
     "Train one method via papermill on nbs/03_train.ipynb; returns its run folder."
     import papermill as pm
     out = runs/f'{method}_s{seed}'
-    if (out/'summary.json').exists():
-        trained_on = json.loads((out/'config.json').read_text()).get('data_manifest')
-        if trained_on != json.loads((Path(data)/'dataset.json').read_text()):
-            raise ValueError(f'{out} was trained on another version of the demo data than {data} holds now: '
-                             f'delete {out} (or pass --runs with another folder) to train it again')
-        return out
+    if finished_run(out, data): return out
     out.mkdir(parents=True, exist_ok=True)
     parameters = dict(dataset='demo', data_dir=str(data), method=method, alpha=METHOD_ALPHA[method], seed=seed, output_dir=str(out), **params)
     pm.execute_notebook(str(repo_root()/'nbs'/'03_train.ipynb'), str(out/'train.ipynb'), parameters=parameters,
@@ -175,12 +179,15 @@ def main(argv: list[str]|None = None):
     if 'features' in args.stages:
         cache = ensure_features(songs, Path(args.data)/'features'/'musicnn-msd')
         print(f'[features] {cache} ({time.time() - t0:.0f} s)', flush=True)
-    runs = []
+    runs, data, run_root = [], Path(args.data).resolve(), Path(args.runs).resolve()
     if 'train' in args.stages:
         for seed in args.seeds:
             for m in args.methods:
-                runs.append(train_method(m, seed, Path(args.data).resolve(), Path(args.runs).resolve(), **{'demo_n': args.n, **params}))
+                runs.append(train_method(m, seed, data, run_root, **{'demo_n': args.n, **params}))
                 print(f'[train] {m} seed {seed} -> {runs[-1]} ({time.time() - t0:.0f} s)', flush=True)
+    else:  # evaluate what is already trained
+        runs = [out for seed in args.seeds for m in args.methods if finished_run(out := run_root/f'{m}_s{seed}', data)]
+    if 'evaluate' in args.stages and not runs: print(f'[evaluate] nothing to evaluate: no finished run in {args.runs}', file=sys.stderr)
     if 'evaluate' in args.stages and runs:
         att = write_demo_results(runs, Path(args.results), cmd, args.seeds)
         print(att[['method', 'seed', 'instrument_score', 'tempo_score', 'mood_score', 'theme_score', 'attribute_score']].to_string(index=False))
