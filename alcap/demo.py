@@ -13,8 +13,9 @@ from .data import DEMO_GENERATOR_VERSION, atomic_write, dependence_report, load_
 METHOD_ALPHA = {'bart': 0.0, 'bart-fusion': 0.0, 'alcap': 0.02}
 
 # %% auto #0
-__all__ = ['METHOD_ALPHA', 'ensure_demo_data', 'provenance', 'dataset_summary', 'ensure_features', 'repo_root', 'yaml_value',
-           'finished_run', 'train_method', 'attribute_table', 'loss_plot', 'write_demo_results', 'main']
+__all__ = ['METHOD_ALPHA', 'SCORE_COLUMNS', 'ensure_demo_data', 'provenance', 'dataset_summary', 'ensure_features', 'repo_root',
+           'yaml_value', 'finished_run', 'train_method', 'attribute_table', 'attribute_summary', 'loss_plot',
+           'write_demo_results', 'main']
 
 # %% ../nbs/09_demo.ipynb #6660f659
 def ensure_demo_data(folder, n: int = 800, seed: int = 0) -> list:
@@ -115,6 +116,18 @@ def attribute_table(run_dirs) -> 'pd.DataFrame':
                          text_init=cfg['text_init'], music_encoder=cfg['music_encoder'] or 'none', hardware=cfg['hardware']))
     return pd.DataFrame(rows)
 
+SCORE_COLUMNS = ['instrument_score', 'tempo_score', 'mood_score', 'theme_score', 'attribute_score']
+
+def attribute_summary(att) -> 'pd.DataFrame':
+    "Per method: each score's mean and sample std over seeds, as `mean ± std` (std left out for a single seed)."
+    import pandas as pd
+    rows = []
+    for (method, alpha), g in att.groupby(['method', 'alpha'], sort=False):
+        row = dict(method=method, alpha=alpha, seeds=' '.join(map(str, sorted(g['seed']))))
+        for c in SCORE_COLUMNS: row[c] = f'{g[c].mean():.3f}' + (f' ± {g[c].std(ddof=1):.3f}' if len(g) > 1 else '')
+        rows.append(row)
+    return pd.DataFrame(rows)
+
 def loss_plot(run_dirs, path):
     "Validation loss per epoch of each run, in one figure."
     import matplotlib; matplotlib.use('Agg')
@@ -128,7 +141,7 @@ def loss_plot(run_dirs, path):
     for a in ax: a.legend()
     fig.tight_layout(); fig.savefig(path, dpi=100); plt.close(fig)
 
-# %% ../nbs/09_demo.ipynb #34020f2f
+# %% ../nbs/09_demo.ipynb #faefd2dd
 def write_demo_results(run_dirs, results: Path, command: str, seeds):
     "Metrics tables, attribute scores, captions and the loss plot of the demo runs, with provenance."
     from alcap.evaluate import evaluate_run, write_tables
@@ -144,7 +157,10 @@ def write_demo_results(run_dirs, results: Path, command: str, seeds):
           '(`attribute_score` is their mean) and its lyrical theme. BART sees only the lyrics; BART-fusion and ALCAP also',
           'hear the music. The text model is a **small randomly initialised BART** trained on the demo only: these numbers',
           'check the pipeline and the method on synthetic data; they are not a reproduction of the paper.', '',
-          att.to_markdown(index=False), '', '## Provenance', '',
+          att.to_markdown(index=False), '']
+    if att.groupby('method')['seed'].nunique().max() > 1:
+        md += ['## Mean ± sample std over seeds', '', attribute_summary(att).to_markdown(index=False), '']
+    md += ['## Provenance', '',
           provenance(command, seeds, data=f"built-in demo dataset, {m.get('n')} songs (seed {m.get('seed')}, generator version {m.get('generator_version')}), test split {n_test} songs",
                      model='random-init BART (d_model 128, 4+4 layers, BPE trained on the training split); frozen pretrained MSD musicnn features')]
     atomic_write(results/'attributes.md', '\n'.join(md) + '\n')
