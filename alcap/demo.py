@@ -84,9 +84,9 @@ def yaml_value(v: str):
 
 def finished_run(out: Path, data: Path) -> bool:
     "Whether `out` holds a finished run; an error if that run was trained on other demo data than `data` holds now."
+    from alcap.train import same_data
     if not (Path(out)/'summary.json').exists(): return False
-    trained_on = json.loads((Path(out)/'config.json').read_text()).get('data_manifest')
-    if trained_on != json.loads((Path(data)/'dataset.json').read_text()):
+    if not same_data(out, data):
         raise ValueError(f'{out} was trained on another version of the demo data than {data} holds now: '
                          f'delete {out} (or pass --runs with another folder) to train it again')
     return True
@@ -204,8 +204,8 @@ def main(argv: list[str]|None = None):
     else:  # evaluate what is already trained
         runs = [out for seed in args.seeds for m in args.methods if finished_run(out := run_root/f'{m}_s{seed}', data)]
     if 'evaluate' in args.stages and not runs: print(f'[evaluate] nothing to evaluate: no finished run in {args.runs}', file=sys.stderr)
-    if 'evaluate' in args.stages and runs:
+    elif 'evaluate' in args.stages:
         att = write_demo_results(runs, Path(args.results), cmd, args.seeds)
-        print(att[['method', 'seed', 'instrument_score', 'tempo_score', 'mood_score', 'theme_score', 'attribute_score']].to_string(index=False))
+        print(att[['method', 'seed', *SCORE_COLUMNS]].to_string(index=False))
         print(f'[evaluate] tables, captions and loss plot in {args.results} ({time.time() - t0:.0f} s)')
     print(f'done in {time.time() - t0:.0f} s')

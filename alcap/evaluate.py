@@ -13,9 +13,9 @@ from .metrics import compute_metrics, meteor_tokenizer_name
 from .retrieval import DEFAULT_MODEL, retrieval_scores
 
 # %% auto #0
-__all__ = ['CONFIG_KEYS', 'CAPTION_COLUMNS', 'GROUP_KEYS', 'TABLE1', 'TABLE2', 'PAPER', 'PAPER_COLUMNS', 'PAPER_ROWS',
-           'PROVENANCE', 'read_run', 'evaluate_run', 'aggregate', 'read_paper_numbers', 'table_frame', 'table_markdown',
-           'write_tables', 'eval_cli']
+__all__ = ['CONFIG_KEYS', 'CAPTION_COLUMNS', 'GROUP_KEYS', 'TABLE1', 'TABLE2', 'PAPER', 'PAPER_COLUMNS', 'PROVENANCE', 'read_run',
+           'evaluate_run', 'aggregate', 'read_paper_numbers', 'table_frame', 'table_markdown', 'write_tables',
+           'eval_cli']
 
 # %% ../nbs/04c_evaluate.ipynb #47bc4e64
 CONFIG_KEYS = ("dataset", "method", "alpha", "seed", "text_init", "music_encoder", "hardware", "command")
@@ -77,7 +77,6 @@ TABLE1 = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "meteor
 TABLE2 = {f"{m}@{k}": f"{m}@{k}" for m in "pr" for k in (5, 10, 20, 30)}
 PAPER = "paper (He et al., ALCAP)"
 PAPER_COLUMNS = ("table", "dataset", "method", "reference")
-PAPER_ROWS: list[dict] = []  # the default paper rows of `table_frame`: fill with `read_paper_numbers`
 PROVENANCE = ["data", "seeds", "initialisation", "music_encoder", "hardware"]
 
 # %% ../nbs/04c_evaluate.ipynb #8bae758c
@@ -109,7 +108,7 @@ def read_paper_numbers(path) -> list[dict]:
     return rows
 
 # %% ../nbs/04c_evaluate.ipynb #56e6acc9
-def table_frame(agg: pd.DataFrame, metrics: dict, table: int, paper_rows: list[dict]|None = None) -> pd.DataFrame:
+def table_frame(agg: pd.DataFrame, metrics: dict, table: int, paper_rows: list[dict] = ()) -> pd.DataFrame:
     "Rows of ours (mean, std x100, provenance), then the paper's rows or a placeholder saying they are missing."
     rows = []
     for _, a in agg.iterrows():
@@ -119,7 +118,7 @@ def table_frame(agg: pd.DataFrame, metrics: dict, table: int, paper_rows: list[d
         for m in metrics: row[m], row[f"{m}_std"] = 100 * a.get(m, np.nan), 100 * a.get(f"{m}_std", np.nan)
         row["note"] = "random text init: not comparable with the paper's pretrained BART" if str(a["text_init"]).startswith("random") else ""
         rows.append(row)
-    paper = [r for r in (PAPER_ROWS if paper_rows is None else paper_rows) if r.get("table") == table]
+    paper = [r for r in paper_rows if r.get("table") == table]
     rows += [dict(source=PAPER, **{k: v for k, v in r.items() if k != "table"}) for r in paper] or [
         dict(source=PAPER, note="paper values not filled in: pass alcap-eval --paper FILE (see results/paper_numbers.csv)")]
     cols = ["source", "dataset", "method", "alpha", "n_seeds", *[c for m in metrics for c in (m, f"{m}_std")], *PROVENANCE, "command", "note"]
@@ -153,7 +152,7 @@ def table_markdown(df: pd.DataFrame, metrics: dict, title: str, command: str) ->
     return "\n".join(notes + lines) + "\n"
 
 # %% ../nbs/04c_evaluate.ipynb #9be19617
-def write_tables(results: list[dict], out="results", command: str = "alcap-eval", paper_rows: list[dict]|None = None) -> list[Path]:
+def write_tables(results: list[dict], out="results", command: str = "alcap-eval", paper_rows: list[dict] = ()) -> list[Path]:
     "Write Table 1 and Table 2 (CSV and Markdown) for scored runs to `out`."
     agg = aggregate(results) if results else pd.DataFrame(columns=[*GROUP_KEYS, "n_seeds", "seeds", "n_items", "hardware", "music_encoder", "command"])
     paths = []
@@ -176,7 +175,7 @@ def eval_cli(argv=None):
     p.add_argument("--paper", help="CSV of the paper's published rows to put beside ours (see results/paper_numbers.csv)")
     args = p.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
-    paper_rows, results = (read_paper_numbers(args.paper) if args.paper else None), []
+    paper_rows, results = (read_paper_numbers(args.paper) if args.paper else ()), []
     for r in args.runs:
         results.append(evaluate_run(r, model=args.model, ks=tuple(args.ks), query_seed=args.query_seed, retrieval=not args.no_retrieval))
         m = results[-1]["metrics"]

@@ -21,7 +21,7 @@ __all__ = ['DATASETS', 'METHODS', 'PRESETS', 'STEP_FIELDS', 'EPOCH_FIELDS', 'Tra
            'setup_distributed', 'seed_everything', 'load_dataset_songs', 'ensure_features', 'fusion_layers',
            'build_model', 'build_optimizer', 'save_torch', 'save_checkpoint', 'load_checkpoint', 'generate_captions',
            'CsvLog', 'validation_losses', 'demo_scores', 'generation_scores', 'hardware', 'run_tokenizer',
-           'write_captions', 'train', 'finish_run', 'train_cli', 'benchmark_training']
+           'write_captions', 'data_manifest', 'same_data', 'train', 'finish_run', 'train_cli', 'benchmark_training']
 
 # %% ../nbs/03_train.ipynb #51513b9e
 DATASETS = ('demo', 'si-full', 'si-votes-ge0', 'si-votes-gt0', 'jsonl')
@@ -360,6 +360,15 @@ def write_captions(path, songs, predictions):
 # %% ../nbs/03_train.ipynb #ac353cab
 _RUN_KEYS_ALLOWED_TO_CHANGE = {'output_dir', 'max_steps', 'num_workers', 'save_every'}
 
+def data_manifest(data_dir) -> dict|None:
+    "The dataset's `dataset.json` (a run records it as what it was trained on), or None for data without one."
+    m = Path(data_dir)/'dataset.json'
+    return json.loads(m.read_text()) if m.exists() else None
+
+def same_data(out: Path, data_dir) -> bool:
+    "Whether the run in `out` was trained on the data `data_dir` holds now."
+    return json.loads((Path(out)/'config.json').read_text()).get('data_manifest') == data_manifest(data_dir)
+
 def _check_same_run(out: Path, cfg: dict):
     "Refuse to resume a folder that holds a run with other parameters."
     old = json.loads((out/'config.json').read_text())['parameters']
@@ -377,8 +386,7 @@ def train(c: TrainConfig, command: str|None = None, progress: bool = True) -> di
     params = asdict(c)
     if (out/'config.json').exists(): _check_same_run(out, params)
     songs = load_dataset_songs(c)
-    data_manifest = json.loads(m.read_text()) if (m := Path(c.data_dir)/'dataset.json').exists() else None
-    if (out/'config.json').exists() and json.loads((out/'config.json').read_text()).get('data_manifest') != data_manifest:
+    if (out/'config.json').exists() and not same_data(out, c.data_dir):
         raise ValueError(f"{out} holds a run on other data than {c.data_dir} holds now (its dataset.json differs): use another output_dir")
     split = {k: [s for s in songs if s.split == k] for k in ('train', 'val', 'test')}
     tokenizer = ctx.main_first(lambda: run_tokenizer(c, split['train'], out))
@@ -397,7 +405,7 @@ def train(c: TrainConfig, command: str|None = None, progress: bool = True) -> di
     if ctx.main and not resumed:
         meta = dict(parameters=params, text_init=model.config.text_init, tokenizer=tokenizer.alcap_source, dataset=c.dataset,
                     method=c.method, alpha=c.alpha, seed=c.seed, music_encoder='none' if c.method == 'bart' else c.music_encoder,
-                    n_test=len(split['test']), data_manifest=data_manifest,
+                    n_test=len(split['test']), data_manifest=data_manifest(c.data_dir),
                     n_params=sum(p.numel() for p in model.parameters()), world_size=ctx.world, hardware=hardware(),
                     torch=torch.__version__, command=command or 'alcap.train.train(...)', started=time.strftime('%Y-%m-%d %H:%M:%S'))
         atomic_write(out/'config.json', json.dumps(meta, indent=1))
