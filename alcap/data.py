@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_data.ipynb #8563d9a5
 from __future__ import annotations
-import argparse, csv, io, json, math, os, pickle, sys, tempfile, time
+import argparse, csv, io, json, math, os, pickle, sys, tempfile, time, warnings
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -18,11 +18,11 @@ import torch
 __all__ = ['SI_VARIANTS', 'SI_TEST_SIZE', 'DEMO_SR', 'DEMO_SECONDS', 'DEMO_GENERATOR_VERSION', 'DEMO_INSTRUMENTS', 'DEMO_TEMPI',
            'DEMO_THEMES', 'DEMO_SAD_THEMES', 'DEMO_MOODS', 'DEMO_ATTRIBUTE_WORDS', 'BART_SPECIAL_TOKENS', 'Song',
            'atomic_write', 'write_songs', 'load_songs', 'LyricsCommentData', 'SIUnpickler', 'load_si_pickle',
-           'load_si_json', 'load_si_csvs', 'reference_split', 'assign_reference_split', 'load_table', 'load_ncm_csv',
-           'sample_demo_attributes', 'sample_performance', 'record', 'synth_audio', 'make_lyrics', 'make_caption',
-           'demo_song', 'demo_splits', 'make_demo', 'predictability', 'text_predictability', 'dependence_report',
-           'demo_attribute_hits', 'demo_data_cli', 'train_bpe_tokenizer', 'hub_reachable', 'get_tokenizer',
-           'bucket_length', 'SongDataset', 'Collator', 'LengthGroupedBatchSampler']
+           'load_si_json', 'load_si_csvs', 'check_si_sizes', 'reference_split', 'assign_reference_split', 'load_table',
+           'load_ncm_csv', 'sample_demo_attributes', 'sample_performance', 'record', 'synth_audio', 'make_lyrics',
+           'make_caption', 'demo_song', 'demo_splits', 'make_demo', 'predictability', 'text_predictability',
+           'dependence_report', 'demo_attribute_hits', 'demo_data_cli', 'train_bpe_tokenizer', 'hub_reachable',
+           'get_tokenizer', 'bucket_length', 'SongDataset', 'Collator', 'LengthGroupedBatchSampler']
 
 # %% ../nbs/00_data.ipynb #c2e3f92b
 @dataclass
@@ -156,12 +156,22 @@ def load_si_csvs(folder, name: str = 'full', lyrics_newline: str|None = ';') -> 
     return songs
 
 # %% ../nbs/00_data.ipynb #7739ce45
-SI_VARIANTS = {  # train sizes as published (paper, Table 1); totals before the 90/10 split
-    'si-full':      dict(csv_name='full',   n_train=279_283, n_total=310_315, note='all interpretations'),
-    'si-votes-ge0': dict(csv_name='vote0',  n_train=265_360, n_total=294_845, note='votes >= 0 (total derived from n_train)'),
-    'si-votes-gt0': dict(csv_name='vote1',  n_train=49_736,  n_total=55_263,  note='votes > 0 (total derived from n_train)'),
+SI_VARIANTS = {  # the authors' file names (df_{csv_name}_*.csv), the paper's name and its published train size (Table 1)
+    'si-full':      dict(csv_name='full',         paper_name='SI Full',       n_train=279_283, note='all interpretations'),
+    'si-votes-ge0': dict(csv_name='not_negative', paper_name='SI votes >= 0', n_train=265_360, note='votes >= 0'),
+    'si-votes-gt0': dict(csv_name='positive',     paper_name='SI votes > 0',  n_train=49_736,  note='votes > 0'),
 }
 SI_TEST_SIZE = 800
+
+def check_si_sizes(songs: Sequence[Song], dataset: str) -> dict:
+    "Items per split of an SI variant; warns (naming the variant) when they differ from the paper's sizes."
+    n = dict(Counter(s.split for s in songs))
+    published = dict(train=SI_VARIANTS[dataset]['n_train'], test=SI_TEST_SIZE)
+    for split, want in published.items():
+        if n.get(split, 0) != want:
+            warnings.warn(f"{dataset}: your files hold {n.get(split, 0):,} {split} items, the paper's {split} split has {want:,}; "
+                          "results on these files are not comparable with the paper's", stacklevel=2)
+    return n
 
 def reference_split(n: int, seed: int = 42, train_frac: float = 0.9) -> tuple[list[int], list[int]]:
     "Indices of the reference 90/10 train/validation split of `n` items (torch `random_split`, seeded)."

@@ -7,6 +7,7 @@ __all__ = ['METHODS', 'CACHE_NAME', 'tiny_bart_config', 'bart_base_config', 'Alc
            'AlcapEncoderOutput', 'AlcapOutput', 'AlcapForConditionalGeneration']
 
 # %% ../nbs/02_model.ipynb #6b5456c3
+import copy
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 import torch, torch.nn as nn, torch.nn.functional as F
@@ -216,6 +217,7 @@ class AlcapForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
         missing, unexpected = model.load_state_dict(src.state_dict(), strict=False)
         if unexpected or [k for k in missing if not k.startswith(('fusion', 'contrast'))]:
             raise RuntimeError(f"BART weights from {bart!r} do not fit: missing {missing}, unexpected {unexpected}")
+        model.generation_config = copy.deepcopy(src.generation_config)  # the checkpoint's generation settings, not defaults
         return model
 
     @classmethod

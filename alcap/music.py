@@ -16,10 +16,11 @@ from torch import nn
 from .data import atomic_write
 
 # %% auto #0
-__all__ = ['SR', 'MUSICNN_MODELS', 'MTT_TAGS', 'MSD_TAGS', 'PATCH_FRAMES', 'ENCODERS', 'AUDIO_EXTS', 'AudioError', 'load_audio',
-           'excerpt', 'read_tf_checkpoint', 'musicnn_checkpoint', 'MusiCNN', 'musicnn_state_dict_from_tf', 'cache_dir',
-           'load_musicnn', 'musicnn_logmel', 'musicnn_patches', 'tag_file', 'tags_cli', 'MusicnnEncoder', 'Res2d',
-           'CNNSA', 'load_cnnsa', 'CNNSAEncoder', 'get_encoder', 'FeatureCache', 'extract_features', 'features_cli',
+__all__ = ['SR', 'MUSICNN_MODELS', 'MTT_TAGS', 'MSD_TAGS', 'PATCH_FRAMES', 'ENCODERS', 'AUDIO_EXTS', 'NPZ_SHAPES', 'AudioError',
+           'load_npz_audio', 'load_audio', 'excerpt', 'read_tf_checkpoint', 'musicnn_checkpoint', 'MusiCNN',
+           'musicnn_state_dict_from_tf', 'cache_dir', 'load_musicnn', 'musicnn_logmel', 'musicnn_patches', 'tag_file',
+           'tags_cli', 'MusicnnEncoder', 'Res2d', 'CNNSA', 'load_cnnsa', 'CNNSAEncoder', 'get_encoder', 'FeatureCache',
+           'extract_features', 'features_cli', 'read_npz_embedding', 'import_npz_features', 'npz_import_cli',
            'benchmark_features']
 
 # %% ../nbs/01_music.ipynb #beca17ea
@@ -34,14 +35,30 @@ def _resampler(orig: int, new: int) -> torchaudio.transforms.Resample:
     return torchaudio.transforms.Resample(orig, new, resampling_method='sinc_interp_kaiser',
                                           lowpass_filter_width=64, rolloff=0.9475937167399596, beta=14.769656459379492)
 
+# %% ../nbs/01_music.ipynb #49918d44
+def load_npz_audio(path, key: str = 'a', sr: int = SR) -> tuple[np.ndarray, int]:
+    "A waveform saved as the authors' `audio_arrs_15_16000/{id}.npz`: (samples, 1) float32 and its rate (16 kHz, as the folder says)."
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if key not in z.files: raise AudioError(f"{path}: no array {key!r} (has {z.files}); the authors' waveform files hold it under 'a'")
+            y = np.asarray(z[key])
+    except AudioError: raise
+    except Exception as e: raise AudioError(f'{path}: cannot read npz ({type(e).__name__}: {e})') from e
+    if y.ndim == 2 and 1 in y.shape: y = y.reshape(-1)  # (1, N) or (N, 1)
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.floating):
+        raise AudioError(f'{path}: {y.dtype} array of shape {y.shape} under {key!r} is not a mono waveform (an embedding file?)')
+    return y.astype(np.float32)[:, None], sr
+
 # %% ../nbs/01_music.ipynb #8bed205e
 def load_audio(path, sr: int = SR) -> np.ndarray:
     "Decode `path` to mono float32 at `sr` Hz; raise `AudioError` naming the file when it is not usable audio."
     path = Path(path)
     if not path.is_file(): raise AudioError(f'{path}: no such audio file')
     if path.stat().st_size == 0: raise AudioError(f'{path}: empty file (0 bytes)')
-    try: y, file_sr = sf.read(str(path), dtype='float32', always_2d=True)
-    except Exception as e: raise AudioError(f'{path}: cannot decode audio ({type(e).__name__}: {e})') from e
+    if path.suffix == '.npz': y, file_sr = load_npz_audio(path)
+    else:
+        try: y, file_sr = sf.read(str(path), dtype='float32', always_2d=True)
+        except Exception as e: raise AudioError(f'{path}: cannot decode audio ({type(e).__name__}: {e})') from e
     if y.size == 0: raise AudioError(f'{path}: file holds no audio samples')
     y = y.mean(axis=1)
     if not np.isfinite(y).all():
@@ -528,7 +545,7 @@ def _write_failures(path, failures):
     atomic_write(path, buf.getvalue())
 
 # %% ../nbs/01_music.ipynb #2e23071c
-AUDIO_EXTS = ('.wav', '.flac', '.mp3', '.ogg')
+AUDIO_EXTS = ('.wav', '.flac', '.mp3', '.ogg', '.npz')  # .npz: the authors' audio_arrs_15_16000 waveforms
 
 def _songs_in(data):
     "Songs of a dataset folder: `alcap.data.load_songs` when the folder has metadata, else its audio files."
@@ -543,7 +560,10 @@ def _songs_in(data):
 # %% ../nbs/01_music.ipynb #68b68121
 def features_cli(argv=None):
     "Command line: extract every song's h_m into a feature cache."
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(x.split('=')[0] == '--from-npz' for x in argv): return npz_import_cli(argv)  # import, nothing to extract
     p = argparse.ArgumentParser(prog='alcap-features', description='Precompute frozen music features h_m for a dataset.')
+    p.add_argument('--from-npz', metavar='DIR', help="import precomputed h_m (DIR/{id}.npz, array 'a') instead: see npz_import_cli")
     p.add_argument('--data', required=True, help='dataset folder (metadata.jsonl + audio/) or a folder of audio files')
     p.add_argument('--encoder', default='musicnn-msd', choices=ENCODERS)
     p.add_argument('--checkpoint', help="cnnsa: the authors' model_cnnsa.pth")
@@ -559,6 +579,68 @@ def features_cli(argv=None):
     except (ValueError, FileNotFoundError, ModuleNotFoundError) as e: print(f'alcap-features: {e}', file=sys.stderr); return 2
     print(f"{r['done']} extracted, {r['skipped']} already done, {r['failed']} failed -> {a.out}")
     if r['failed']: print(f"failures listed in {Path(a.out) / 'failures.csv'}", file=sys.stderr)
+    return 1 if r['failed'] else 0
+
+# %% ../nbs/01_music.ipynb #50d7eb3e
+NPZ_SHAPES = {'cnnsa': (119, 256)}  # h_m of a 15 s clip; for other encoders the first good file sets the shape
+
+def read_npz_embedding(path, key: str = 'a', shape=None) -> np.ndarray:
+    "One song's h_m from an npz file; `ValueError` saying what is wrong with it."
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if key not in z.files: raise ValueError(f'no array {key!r} (has {z.files})')
+            h = np.asarray(z[key])
+    except ValueError: raise
+    except Exception as e: raise ValueError(f'cannot read ({type(e).__name__}: {e})') from e
+    if not np.issubdtype(h.dtype, np.floating): raise ValueError(f'dtype {h.dtype}, expected floating point')
+    if h.ndim != 2 or (shape is not None and h.shape != tuple(shape)):
+        raise ValueError(f'shape {h.shape}, expected {tuple(shape) if shape else "(l_m, d_m)"}')
+    if not np.isfinite(h).all(): raise ValueError('holds NaN or inf')
+    if np.abs(h).max() > np.finfo(np.float16).max: raise ValueError('values beyond the float16 range the cache stores')
+    return h
+
+# %% ../nbs/01_music.ipynb #6a3fc400
+def import_npz_features(src, out, encoder: str = 'cnnsa', key: str = 'a', shard_mb: float = 64) -> dict:
+    "Import `src/{id}.npz` embeddings into the FeatureCache at `out` as `encoder`'s h_m; resumable; bad files are left out."
+    src = Path(src)
+    if encoder not in ENCODERS: raise ValueError(f'encoder must be one of {ENCODERS}, not {encoder!r}')
+    if not src.is_dir(): raise FileNotFoundError(f'{src}: no such folder')
+    files = sorted(src.glob('*.npz'))
+    if not files: raise ValueError(f'{src}: no .npz files')
+    shape = NPZ_SHAPES.get(encoder)
+    if shape is None:  # the first readable file fixes it
+        for f in files:
+            try: shape = read_npz_embedding(f, key).shape; break
+            except ValueError: pass
+        else: raise ValueError(f'{src}: none of its {len(files)} .npz files holds a usable embedding under {key!r}')
+    config = dict(source='npz', folder=str(src.resolve()), key=key, note=f'precomputed {encoder} embeddings, imported')
+    cache = FeatureCache.create(out, encoder, config, *shape)
+    rows_per_shard = max(1, int(shard_mb * 2**20 // (shape[0] * shape[1] * 2)))
+    done, skipped, failures, buf = 0, 0, [], ([], [])
+    for f in files:
+        if f.stem in cache: skipped += 1; continue
+        try: h = read_npz_embedding(f, key, shape)
+        except ValueError as e: failures.append((f.stem, str(f), str(e))); continue
+        buf[0].append(f.stem); buf[1].append(h); done += 1
+        if len(buf[0]) >= rows_per_shard: cache.append(buf[0], np.stack(buf[1]), [shape[0]] * len(buf[0])); buf = ([], [])
+    if buf[0]: cache.append(buf[0], np.stack(buf[1]), [shape[0]] * len(buf[0]))  # the authors' h_m has no padded frames
+    _write_failures(Path(out) / 'failures.csv', failures)
+    return dict(done=done, skipped=skipped, failed=len(failures), failures=failures)
+
+# %% ../nbs/01_music.ipynb #0f204c3c
+def npz_import_cli(argv=None):
+    "`alcap-features --from-npz DIR [--encoder cnnsa] --out DIR`: import precomputed h_m instead of extracting it."
+    p = argparse.ArgumentParser(prog='alcap-features --from-npz', description="Import precomputed h_m files ({id}.npz) into a feature cache.")
+    p.add_argument('--from-npz', dest='src', required=True, metavar='DIR', help="folder of {id}.npz, e.g. the authors' audio_embs_15_16000")
+    p.add_argument('--encoder', default='cnnsa', choices=ENCODERS, help='the encoder that made them (cnnsa for the authors\' files)')
+    p.add_argument('--key', default='a', help="the array's name in each file")
+    p.add_argument('--out', required=True)
+    a = p.parse_args(argv)
+    try: r = import_npz_features(a.src, a.out, a.encoder, a.key)
+    except (ValueError, FileNotFoundError) as e: print(f'alcap-features: {e}', file=sys.stderr); return 2
+    print(f"{r['done']} imported, {r['skipped']} already there, {r['failed']} failed -> {a.out}")
+    for _, path, err in r['failures'][:10]: print(f'{path}: {err}', file=sys.stderr)
+    if r['failed'] > 10: print(f"... {r['failed'] - 10} more in {Path(a.out) / 'failures.csv'}", file=sys.stderr)
     return 1 if r['failed'] else 0
 
 # %% ../nbs/01_music.ipynb #8156666e

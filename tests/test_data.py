@@ -94,6 +94,25 @@ def test_si_reference_csvs(tmp_path):
     with pytest.raises(FileNotFoundError, match='df_other_train.csv'): load_si_csvs(tmp_path, 'other')
 
 
+def test_si_variants_use_the_authors_file_names():
+    "run_train.py's corpora music4all_{full,not_negative,positive}, and trainer.py's name = corpus[10:]."
+    names = {k: v['csv_name'] for k, v in SI_VARIANTS.items()}
+    assert names == {k: corpus[10:] for k, corpus in (('si-full', 'music4all_full'), ('si-votes-ge0', 'music4all_not_negative'),
+                                                      ('si-votes-gt0', 'music4all_positive'))}
+
+
+def test_check_si_sizes_warns_on_other_sizes():
+    from alcap.data import check_si_sizes
+    songs = [Song(str(i), 'l', 'c', split=sp) for i, sp in enumerate(['train'] * 5 + ['val'] * 2 + ['test'] * 800)]
+    with pytest.warns(UserWarning, match=r"si-full: your files hold 5 train items, the paper's train split has 279,283"):
+        assert check_si_sizes(songs, 'si-full') == {'train': 5, 'val': 2, 'test': 800}
+    import warnings
+    big = [Song(str(i), 'l', 'c', split='train') for i in range(49_736)] + songs[-800:]
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')               # the published sizes: no warning
+        check_si_sizes(big, 'si-votes-gt0')
+
+
 def test_reference_split_sizes():
     train, val = reference_split(310_315, seed=42)
     assert (len(train), len(val)) == (279_283, 31_032) == (SI_VARIANTS['si-full']['n_train'], 310_315 - 279_283)
@@ -102,7 +121,6 @@ def test_reference_split_sizes():
     perm = torch.randperm(310_315, generator=torch.Generator().manual_seed(42)).tolist()
     assert train[:5] == perm[:5] and val[-5:] == perm[-5:]
     assert reference_split(1000, seed=1)[0] != reference_split(1000, seed=42)[0]
-    for v in SI_VARIANTS.values(): assert len(reference_split(v['n_total'])[0]) == v['n_train']
 
 
 # --- NCM and generic tables ---------------------------------------------------------------------------

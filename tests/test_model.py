@@ -184,3 +184,24 @@ def test_from_bart_local_folder_and_clear_error(tmp_path, monkeypatch):
     for k, v in bart.state_dict().items(): assert torch.equal(m.state_dict()[k], v), k
     for unreachable in (str(tmp_path / 'missing'), 'facebook/bart-base'):      # never a silent random init
         with pytest.raises(OSError, match='from_bart_config'): AlcapForConditionalGeneration.from_bart(unreachable)
+
+def test_from_bart_keeps_the_checkpoints_generation_config(tmp_path):
+    "A fresh model from the config would generate with transformers' defaults, not the checkpoint's settings."
+    torch.manual_seed(0)
+    bart = BartForConditionalGeneration(tiny_bart_config(99, d_model=32, heads=4, ffn=64)).eval()
+    bart.generation_config.update(no_repeat_ngram_size=2, num_beams=3, early_stopping=True, length_penalty=2.0, forced_bos_token_id=0)
+    bart.save_pretrained(tmp_path / 'bart')
+    assert (tmp_path / 'bart' / 'generation_config.json').exists()
+    m = AlcapForConditionalGeneration.from_bart(str(tmp_path / 'bart'), 'bart-fusion', fusion_layers=[1], d_music=D_M).eval()
+    gc = m.generation_config
+    assert (gc.no_repeat_ngram_size, gc.num_beams, gc.early_stopping, gc.length_penalty, gc.forced_bos_token_id) == (2, 3, True, 2.0, 0)
+    m.save_pretrained(tmp_path / 'captioner')                                   # and it stays with the saved captioner
+    again = AutoModel.from_pretrained(tmp_path / 'captioner')
+    assert (again.generation_config.no_repeat_ngram_size, again.generation_config.num_beams) == (2, 3)
+    # in force when generating: with no_repeat_ngram_size 2 no bigram repeats within a caption
+    b = make_batch()
+    seqs = m.generate(**{**gen_kwargs(b), "max_length": 30})
+    for s in seqs.tolist():
+        s = [t for t in s if t not in (0, 1, 2)]
+        bigrams = list(zip(s, s[1:]))
+        assert len(bigrams) == len(set(bigrams))
