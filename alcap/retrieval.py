@@ -56,11 +56,17 @@ def cosine_matrix(a, b) -> np.ndarray:
     b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
     return a @ b.T
 
-def true_song_ranks(sim, tie_tol: float = 1e-5) -> np.ndarray:
-    "1-based rank of song i for query i (row i); songs tied with it count as ranked ahead of it."
+def true_song_ranks(sim, tie_tol: float = 1e-5, song_ids=None) -> np.ndarray:
+    "1-based rank of item i's song for query i (row i) among the songs; songs tied with it count as ranked ahead of it."
     sim = np.asarray(sim, dtype=np.float64)
-    if sim.ndim != 2 or sim.shape[0] != sim.shape[1]: raise ValueError(f"sim must be square (queries x songs), got {sim.shape}")
-    return (sim >= np.diag(sim)[:, None] - tie_tol).sum(axis=1)
+    if sim.ndim != 2 or sim.shape[0] != sim.shape[1]: raise ValueError(f"sim must be square (queries x items), got {sim.shape}")
+    if song_ids is None: song_ids = np.arange(len(sim))  # every item its own song
+    if len(song_ids) != len(sim): raise ValueError(f"{len(song_ids)} song ids for {len(sim)} items")
+    _, song = np.unique(np.asarray(song_ids).astype(str), return_inverse=True)
+    by_song = np.full((len(sim), song.max() + 1), -np.inf)
+    np.maximum.at(by_song.T, song, sim.T)              # a song's similarity: the best of its items'
+    own = by_song[np.arange(len(sim)), song]
+    return (by_song >= own[:, None] - tie_tol).sum(axis=1)
 
 # %% ../nbs/04b_retrieval.ipynb #894f6404
 def precision_recall_at_k(ranks, ks=(5, 10, 20, 30)) -> dict:
@@ -75,11 +81,11 @@ def precision_recall_at_k(ranks, ks=(5, 10, 20, 30)) -> dict:
 
 # %% ../nbs/04b_retrieval.ipynb #823bcf88
 def retrieval_scores(references: list[str], predictions: list[str], ks=(5, 10, 20, 30), seed: int = 0,
-                     model=DEFAULT_MODEL, embed: Callable | None = None, tie_tol: float = 1e-5) -> dict:
+                     model=DEFAULT_MODEL, embed: Callable | None = None, tie_tol: float = 1e-5, song_ids=None) -> dict:
     "Text-to-music retrieval: a random reference sentence per song queries the generated captions by cosine; p@k and r@k."
     references, predictions = list(references), list(predictions)
     if len(references) != len(predictions): raise ValueError(f"{len(references)} references but {len(predictions)} predictions")
     if not references: raise ValueError("no songs to retrieve")
     embed = embed or embedder(model)
     sim = cosine_matrix(embed(pick_queries(references, seed)), embed(predictions))
-    return precision_recall_at_k(true_song_ranks(sim, tie_tol), ks)
+    return precision_recall_at_k(true_song_ranks(sim, tie_tol, song_ids), ks)

@@ -13,37 +13,40 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .data import (SI_VARIANTS, Collator, LengthGroupedBatchSampler, Song, SongDataset, atomic_write, get_tokenizer,
-                        load_si_csvs, load_songs)
+from .data import (SI_VARIANTS, Collator, LengthGroupedBatchSampler, Song, SongDataset, atomic_write, check_si_sizes,
+                        get_tokenizer, load_ncm_csv, load_si_csvs, load_songs)
 
 # %% auto #0
-__all__ = ['DATASETS', 'METHODS', 'PRESETS', 'STEP_FIELDS', 'EPOCH_FIELDS', 'TrainConfig', 'validate', 'Dist',
-           'setup_distributed', 'seed_everything', 'load_dataset_songs', 'ensure_features', 'fusion_layers',
-           'build_model', 'build_optimizer', 'save_torch', 'save_checkpoint', 'load_checkpoint', 'generate_captions',
-           'CsvLog', 'validation_losses', 'demo_scores', 'generation_scores', 'hardware', 'run_tokenizer',
-           'write_captions', 'data_manifest', 'same_data', 'train', 'finish_run', 'train_cli', 'benchmark_training']
+__all__ = ['DATASETS', 'METHODS', 'PRESETS', 'GENERATION_PARAMS', 'STEP_FIELDS', 'EPOCH_FIELDS', 'TrainConfig', 'validate',
+           'Dist', 'setup_distributed', 'seed_everything', 'load_dataset_songs', 'ensure_features', 'fusion_layers',
+           'build_model', 'build_optimizer', 'save_torch', 'save_checkpoint', 'load_checkpoint', 'generation_kwargs',
+           'generation_settings', 'generate_captions', 'CsvLog', 'validation_losses', 'demo_scores',
+           'generation_scores', 'hardware', 'run_tokenizer', 'write_captions', 'data_manifest', 'same_data', 'train',
+           'finish_run', 'train_cli', 'benchmark_training']
 
 # %% ../nbs/03_train.ipynb #51513b9e
-DATASETS = ('demo', 'si-full', 'si-votes-ge0', 'si-votes-gt0', 'jsonl')
+DATASETS = ('demo', 'si-full', 'si-votes-ge0', 'si-votes-gt0', 'ncm', 'jsonl')
 METHODS = ('bart', 'bart-fusion', 'alcap')
 
 PRESETS = {
     # a small random-init BART that learns the demo in minutes on 2 CPU cores
     'demo': dict(text_init='random', model_size='tiny', epochs=8, batch_size=8, lr=1e-3, warmup_steps=50, schedule='linear',
                  max_source_len=128, max_target_len=128, num_beams=4, max_new_tokens=128, eval_every=1, val_generate_n=8, vocab_size=3000,
-                 fusion_scale=0.1),
-    # the paper: pretrained bart-base, batch 26, lr 5e-5, 20 epochs, 512 tokens
+                 fusion_scale=0.1, do_sample=False, top_p=0.92),
+    # the paper: pretrained bart-base, batch 26, lr 5e-5, 20 epochs, 512 tokens; generation as the authors' model.py:
+    # generate(max_length=512, early_stopping=True, do_sample=True, num_beams=4, top_p=0.92) (num_beams from run_eval.py)
     'si': dict(text_init='pretrained', model_size='base', epochs=20, batch_size=26, lr=5e-5, warmup_steps=0, schedule='constant',
-               max_source_len=512, max_target_len=512, num_beams=4, max_new_tokens=512, eval_every=1, val_generate_n=200, vocab_size=None,
-               fusion_scale=0.1),
+               max_source_len=512, max_target_len=512, num_beams=4, max_length=512, early_stopping=True, do_sample=True, top_p=0.92,
+               eval_every=1, val_generate_n=200, vocab_size=None, fusion_scale=0.1),
 }
 
 # %% ../nbs/03_train.ipynb #f0e063f0
 @dataclass
 class TrainConfig:
     "Every parameter of a training run (None: the dataset preset's value)."
-    dataset: str = 'demo'                 # 'demo', 'si-full', 'si-votes-ge0', 'si-votes-gt0', or 'jsonl' (any folder with metadata.jsonl)
+    dataset: str = 'demo'                 # 'demo', 'si-full', 'si-votes-ge0', 'si-votes-gt0', 'ncm' (an NCM-style CSV), or 'jsonl' (any folder with metadata.jsonl)
     data_dir: str|None = None             # None: data/demo for the demo (generated if absent)
+    csv_name: str|None = None             # SI: read df_{csv_name}_{train,val}.csv (None: the authors' name); ncm: {csv_name}.csv (None: ncm)
     demo_n: int|None = None               # demo only: its number of songs (None: what data_dir holds, else 800)
     method: str = 'alcap'                 # 'bart' (lyrics only), 'bart-fusion' (alpha = 0), 'alcap'
     alpha: float = 0.02                   # weight of L_contrast (must be 0 for bart and bart-fusion)
@@ -75,10 +78,16 @@ class TrainConfig:
     eval_every: int|None = None           # validate every N epochs
     best_metric: str = 'val_loss'         # 'val_loss' (lower is better) or a generation metric on validation: 'rougeL', 'meteor', ...
     val_generate_n: int|None = None       # validation songs captioned at each validation (0: none) for generation metrics
+    # generation: None takes the preset's value, else the checkpoint's generation_config (see generation_kwargs)
     num_beams: int|None = None
-    max_new_tokens: int|None = None
-    do_sample: bool = False               # the original's stochastic beam sampling: do_sample=True, top_p=0.92
-    top_p: float = 0.92
+    max_new_tokens: int|None = None       # caption tokens; wins over max_length when both are set
+    max_length: int|None = None           # decoder length including the start token (the original: 512)
+    min_length: int|None = None
+    do_sample: bool|None = None           # the original's stochastic beam sampling: do_sample=True, top_p=0.92 (SI preset)
+    top_p: float|None = None
+    early_stopping: bool|None = None
+    no_repeat_ngram_size: int|None = None
+    length_penalty: float|None = None
     output_dir: str = 'runs/demo_alcap_s0'
     save_every: int = 100                 # steps between mid-epoch checkpoints
     max_steps: int|None = None            # stop after this many optimiser steps (tests, quick looks)
@@ -111,10 +120,15 @@ def validate(c: TrainConfig, check_files: bool = True) -> TrainConfig:
     if c.method == 'alcap' and c.alpha == 0: raise ValueError("parameter alpha=0 with method='alcap': alpha = 0 is method 'bart-fusion'")
     if c.method != 'alcap' and c.alpha != 0: raise ValueError(f"parameter alpha={c.alpha} with method={c.method!r}: only 'alcap' has a contrastive term; pass alpha 0")
     for k in ('tau', 'lr', 'top_p', 'fusion_scale'):
-        if not getattr(c, k) > 0: raise ValueError(f"parameter {k}={getattr(c, k)!r}: must be > 0")
-    for k in ('epochs', 'batch_size', 'max_source_len', 'max_target_len', 'num_beams', 'max_new_tokens', 'eval_every', 'save_every'):
+        if getattr(c, k) is not None and not getattr(c, k) > 0: raise ValueError(f"parameter {k}={getattr(c, k)!r}: must be > 0")
+    for k in ('epochs', 'batch_size', 'max_source_len', 'max_target_len', 'num_beams', 'eval_every', 'save_every'):
         v = getattr(c, k)
         if not (isinstance(v, int) and v >= 1): raise ValueError(f"parameter {k}={v!r}: must be a positive integer")
+    for k in ('max_new_tokens', 'max_length', 'min_length', 'no_repeat_ngram_size'):
+        v = getattr(c, k)
+        if v is not None and not (isinstance(v, int) and v >= 0): raise ValueError(f"parameter {k}={v!r}: must be None or an integer >= 0")
+    if c.max_new_tokens is None and c.max_length is None:  # else generate() would stop at transformers' default of 20
+        raise ValueError("parameters max_new_tokens=None and max_length=None: set one, e.g. max_length 512 as the original")
     if c.fusion not in ('auto', 'after_encoder'):
         try: [int(x) for x in str(c.fusion).split(',')]
         except ValueError: raise ValueError(f"parameter fusion={c.fusion!r}: 'auto', 'after_encoder' or comma-separated layer indices") from None
@@ -174,7 +188,10 @@ def load_dataset_songs(c: TrainConfig) -> list[Song]:
         return ensure_demo_data(c.data_dir, n=c.demo_n or held or 800, seed=0)
     if c.dataset == 'jsonl': songs = load_songs(c.data_dir)
     elif (Path(c.data_dir)/'metadata.jsonl').exists(): songs = load_songs(c.data_dir)
-    else: songs = load_si_csvs(c.data_dir, SI_VARIANTS[c.dataset]['csv_name'])
+    elif c.dataset == 'ncm': songs = load_ncm_csv(Path(c.data_dir)/f"{c.csv_name or 'ncm'}.csv", audio_dir=Path(c.data_dir)/'audio')
+    else:
+        songs = load_si_csvs(c.data_dir, c.csv_name or SI_VARIANTS[c.dataset]['csv_name'])
+        check_si_sizes(songs, c.dataset)
     missing = sorted({str(s.split) for s in songs} - {'train', 'val', 'test'})
     if missing: raise ValueError(f"{c.data_dir}: songs with split {missing}; every song needs split train, val or test")
     return songs
@@ -198,12 +215,19 @@ def fusion_layers(c: TrainConfig, n_layers: int):
     if c.fusion == 'auto': return [n_layers - 2, n_layers - 1]  # [4, 5] for bart-base, as the original code
     return [int(x) for x in str(c.fusion).split(',')]
 
+def _encoder_layers(bart) -> int:
+    "Encoder depth of a BART checkpoint (6, bart-base's, when its config cannot be read: `from_bart` then says why)."
+    from transformers import AutoConfig
+    from alcap.data import hub_reachable
+    try: return AutoConfig.from_pretrained(bart, local_files_only=not Path(bart).is_dir() and not hub_reachable()).encoder_layers
+    except (OSError, ValueError): return 6
+
 def build_model(c: TrainConfig, tokenizer, d_music: int|None):
     "The captioner for the configured method and initialisation."
     from alcap.model import AlcapForConditionalGeneration, bart_base_config, tiny_bart_config
     special = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                    decoder_start_token_id=tokenizer.eos_token_id, forced_bos_token_id=tokenizer.bos_token_id)
-    n_layers = 6 if (c.text_init == 'pretrained' or c.model_size == 'base') else 4
+    n_layers = _encoder_layers(c.text_model) if c.text_init == 'pretrained' else 6 if c.model_size == 'base' else 4
     opts = dict(alpha=c.alpha, contrast_tau=c.tau, contrast_similarity=c.similarity, contrast_symmetric=c.symmetric,
                 contrast_proj_dim=c.proj_dim, fusion_scale=c.fusion_scale)
     if c.method != 'bart': opts.update(d_music=d_music, fusion_layers=fusion_layers(c, n_layers))
@@ -258,6 +282,25 @@ def load_checkpoint(path, model, opt=None, sched=None) -> dict:
     return ck['state']
 
 # %% ../nbs/03_train.ipynb #0f9dc26a
+GENERATION_PARAMS = ('num_beams', 'max_new_tokens', 'max_length', 'min_length', 'do_sample', 'top_p', 'early_stopping',
+                     'no_repeat_ngram_size', 'length_penalty')
+
+def generation_kwargs(c: TrainConfig, model) -> dict:
+    "`generate()`'s settings: the run's parameters where set, else what the model's generation_config set explicitly."
+    own = model.generation_config.to_diff_dict()  # a pretrained checkpoint's own settings (transformers' defaults left out)
+    kw = {k: getattr(c, k) if getattr(c, k) is not None else own.get(k) for k in GENERATION_PARAMS}
+    if kw['max_new_tokens'] is not None: kw['max_length'] = None  # max_new_tokens wins; passing both makes generate() warn
+    if not kw['do_sample']: kw['top_p'] = None                    # top_p only shapes sampling
+    return {k: v for k, v in kw.items() if v is not None}
+
+def generation_settings(c: TrainConfig, model) -> dict:
+    "Everything generation runs with (the model's generation_config updated by `generation_kwargs`), for config.json."
+    s = {k: v for k, v in model.generation_config.to_diff_dict().items() if k != 'transformers_version'}
+    s.update(generation_kwargs(c, model))
+    if not s.get('do_sample'): s.pop('top_p', None)
+    if s.get('max_new_tokens') is not None: s.pop('max_length', None)
+    return s
+
 @torch.no_grad()
 def generate_captions(model, dataset: SongDataset, tokenizer, collate, c: TrainConfig, device, indices=None, batch_size: int = 32) -> list[str]:
     "Captions for `dataset` items (all, or `indices`), in order."
@@ -269,9 +312,7 @@ def generate_captions(model, dataset: SongDataset, tokenizer, collate, c: TrainC
         chunk = order[k:k + batch_size]
         b = collate([dataset[i] for i in chunk])
         kw = {key: b[key].to(device) for key in ('input_ids', 'attention_mask', 'music_features', 'music_attention_mask') if key in b}
-        with _autocast(c, device):
-            ids = model.generate(**kw, num_beams=c.num_beams, max_new_tokens=c.max_new_tokens, do_sample=c.do_sample,
-                                 top_p=c.top_p if c.do_sample else None)
+        with _autocast(c, device): ids = model.generate(**kw, **generation_kwargs(c, model))
         for i, text in zip(chunk, tokenizer.batch_decode(ids, skip_special_tokens=True)): out[i] = text.strip()
     return [out[i] for i in idx]
 
@@ -405,7 +446,8 @@ def train(c: TrainConfig, command: str|None = None, progress: bool = True) -> di
     if ctx.main and not resumed:
         meta = dict(parameters=params, text_init=model.config.text_init, tokenizer=tokenizer.alcap_source, dataset=c.dataset,
                     method=c.method, alpha=c.alpha, seed=c.seed, music_encoder='none' if c.method == 'bart' else c.music_encoder,
-                    n_test=len(split['test']), data_manifest=data_manifest(c.data_dir),
+                    n_test=len(split['test']), data_manifest=data_manifest(c.data_dir), generation=generation_settings(c, model),
+                    features=None if features is None else dict(path=str(features.path), encoder=features.encoder_name, config=features.config),
                     n_params=sum(p.numel() for p in model.parameters()), world_size=ctx.world, hardware=hardware(),
                     torch=torch.__version__, command=command or 'alcap.train.train(...)', started=time.strftime('%Y-%m-%d %H:%M:%S'))
         atomic_write(out/'config.json', json.dumps(meta, indent=1))
@@ -480,6 +522,7 @@ def finish_run(c: TrainConfig, model, tokenizer, collate, data, split, out: Path
         write_captions(out/f'captions_{name}.csv', split[name], preds)
         res.update({f'{name}_{k}': v for k, v in demo_scores(preds, split[name]).items()})
     tmp = out/'.model.tmp'
+    model.generation_config.update(**generation_kwargs(c, model))  # the saved captioner generates as this run did
     model.save_pretrained(tmp); tokenizer.save_pretrained(tmp)
     if (out/'model').exists():
         import shutil; shutil.rmtree(out/'model')

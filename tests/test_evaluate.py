@@ -98,16 +98,28 @@ def test_tables_have_ours_beside_labelled_paper_rows_and_provenance(tmp_path):
 
 
 def test_cli_puts_the_papers_rows_from_a_csv_beside_ours(tmp_path):
-    run = make_run(tmp_path, "a0", seed=0)
+    run = make_run(tmp_path, "a0", seed=0, dataset="si-full", method="alcap")
     paper = tmp_path / "paper.csv"
     paper.write_text("table,dataset,method,reference,rouge1,rouge2,rougeL,meteor\nSI,x,y,z,1,2,3,4\n")
     with pytest.raises(ValueError, match="paper.csv: row 2: field 'table'"):
         eval_cli([str(run), "--out", str(tmp_path / "o"), "--no-retrieval", "--paper", str(paper)])
-    paper.write_text("table,dataset,method,reference,rouge1,rouge2,rougeL,meteor\n1,SI Full,ALCAP,test row,41.5,12.25,30,20\n")
-    eval_cli([str(run), "--out", str(tmp_path / "o"), "--no-retrieval", "--paper", str(paper)])
+    paper.write_text("table,dataset,method,reference,rouge1,rouge2,rougeL,meteor\n1,SI Votes,BART,other row,1,2,3,4\n"
+                     "1,SI Full,ALCAP,test row,41.5,12.25,30,20\n")
+    std = tmp_path / "std.csv"
+    std.write_text("table,dataset,method,rouge2_std\n1,SI Full,ALCAP,0.5\n")
+    eval_cli([str(run), "--out", str(tmp_path / "o"), "--no-retrieval", "--paper", str(paper), "--paper-std", str(std)])
     t1 = pd.read_csv(tmp_path / "o" / "table1.csv")
-    assert list(t1["source"]) == ["ours", PAPER] and t1.loc[1, "rouge2"] == 12.25 and t1.loc[1, "note"] == "published: test row"
-    assert "| paper (He et al., ALCAP) | SI Full | ALCAP |  | 41.50 | 12.25 | 30.00 | 20.00 |" in (tmp_path / "o" / "table1.md").read_text()
+    # our si-full/alcap is the paper's "SI Full"/"ALCAP": its row sits right after ours
+    assert list(zip(t1["source"], t1["dataset"], t1["method"])) == [("ours", "SI Full", "ALCAP"), (PAPER, "SI Full", "ALCAP"),
+                                                                    (PAPER, "SI Votes", "BART")]
+    assert t1.loc[0, "data"].startswith("si-full test split")
+    # the paper's ROUGE is the authors' recall: under R, none under F
+    assert t1.loc[1, "rouge2_recall"] == 12.25 and t1.loc[1, "rouge2_recall_std"] == 0.5 and np.isnan(t1.loc[1, "rouge2"])
+    assert t1.loc[1, "note"].startswith("published: test row; its ROUGE is recall")
+    md = (tmp_path / "o" / "table1.md").read_text()
+    assert "| ROUGE-1 F | ROUGE-2 F | ROUGE-L F | ROUGE-1 R | ROUGE-2 R | ROUGE-L R | METEOR |" in md
+    assert "| paper (He et al., ALCAP) | SI Full | ALCAP |  | - | - | - | 41.50 | 12.25 ± 0.50 | 30.00 | 20.00 |" in md
+    assert "| ours | SI Full | ALCAP | 0.02 | 100.00 | 100.00 | 100.00 | 100.00 | 100.00 | 100.00 |" in md
     assert "paper values not filled in" in pd.read_csv(tmp_path / "o" / "table2.csv")["note"].iloc[-1]
 
 

@@ -104,3 +104,19 @@ def test_packaged_sentence_bert_retrieves_offline():
     s = retrieval_scores(refs, preds, ks=(1, 4))
     assert s["r@1"] == 1.0 and s["r@4"] == 1.0 and s["p@4"] == 0.25
     assert retrieval_scores(refs, preds[1:] + preds[:1], ks=(1,))["r@1"] == 0.0
+
+
+def test_retrieval_counts_songs_not_items():
+    "Two interpretations of one song get the same caption: as items the copy is a tied miss, as songs it is a hit."
+    refs = ["a song about rain.", "a song about fire.", "a song about snow.", "rain falls on the town."]
+    preds = ["rain rain", "fire fire", "snow snow", "rain rain"]  # items 0 and 3 are song 'm1': one caption
+    vocab = ["rain", "fire", "snow"]
+    embed = lambda texts: np.array([[t.replace('.', ' ').split().count(w) for w in vocab] for t in texts], dtype=float)
+    by_item = retrieval_scores(refs, preds, ks=(1, 2), embed=embed)
+    assert by_item["r@1"] == 0.5 and by_item["r@2"] == 1.0   # the rain queries tie with the other copy: rank 2
+    by_song = retrieval_scores(refs, preds, ks=(1, 2), embed=embed, song_ids=["m1", "m2", "m3", "m1"])
+    assert by_song["r@1"] == 1.0 and by_song["p@1"] == 1.0
+    # a query still misses when another song's caption fits it better than every item of its own song
+    sim = np.array([[0.2, 0.9, 0.2], [0.1, 0.8, 0.3], [0.5, 0.1, 0.9]])
+    assert list(true_song_ranks(sim, song_ids=["a", "b", "a"])) == [2, 1, 1]
+    with pytest.raises(ValueError, match="2 song ids for 3 items"): true_song_ranks(sim, song_ids=["a", "b"])
