@@ -138,6 +138,23 @@ def test_batched_beam_search_is_deterministic_and_uses_music():
                        output_scores=True, return_dict_in_generate=True)
     assert not torch.allclose(other.sequences_scores, out.sequences_scores)
 
+def test_decoder_cache_is_returned_and_used():
+    "The key/value cache goes in and out under the installed transformers' name (`cache`, `past_key_values` before 5.2x)."
+    from alcap.model import CACHE_NAME
+    m, b = make('alcap', fusion_scale=1.0), make_batch()
+    dec = torch.randint(3, 99, (4, 6), generator=torch.Generator().manual_seed(1))
+    enc = m.encode(b['input_ids'], b['attention_mask'], b['music_features'], b['music_attention_mask'])
+    common = dict(attention_mask=b['attention_mask'], encoder_outputs=enc)
+    full = m(decoder_input_ids=dec, **common).logits
+    for name in ('cache', 'past_key_values'):          # generate() passes the one its version knows
+        first = m(decoder_input_ids=dec[:, :5], use_cache=True, **common)
+        cache = getattr(first, CACHE_NAME)
+        assert cache is not None and cache.get_seq_length() == 5
+        step = m(decoder_input_ids=dec[:, 5:], use_cache=True, **common, **{name: cache})
+        torch.testing.assert_close(step.logits[:, 0], full[:, 5], atol=1e-5, rtol=1e-5)
+    cached = m.generate(**gen_kwargs(b, num_beams=4), use_cache=True)
+    assert torch.equal(cached, m.generate(**gen_kwargs(b, num_beams=4), use_cache=False))
+
 def test_beam_sampling_option_is_seeded():
     m, b = make('alcap'), make_batch()
     torch.manual_seed(3); s1 = m.generate(**gen_kwargs(b, num_beams=4, do_sample=True, top_p=0.92))
