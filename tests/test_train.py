@@ -156,14 +156,3 @@ def test_a_demo_folder_is_never_overwritten(tmp_path):
     with pytest.raises(ValueError, match='demo_n=20: .* holds a demo of 12 songs'):
         train(TrainConfig(dataset='demo', data_dir=str(tmp_path/'demo'), demo_n=20, method='bart', alpha=0, output_dir=str(tmp_path/'run')), progress=False)
     assert len(list((tmp_path/'demo'/'audio').iterdir())) == 12
-
-
-def test_benchmark_regimes_differ_in_shapes():
-    from alcap.data import demo_song, get_tokenizer
-    from alcap.train import benchmark_training
-    songs = [demo_song(i, 0, audio=False)[0] for i in range(24)]
-    tok = get_tokenizer('/nonexistent', texts=[t for s in songs for t in (s.lyrics, s.caption)], vocab_size=300)
-    ref, ours = (benchmark_training(songs, tok, r, batch_size=4, steps=2, l_m=8, d_m=16) for r in ('reference', 'ours'))
-    assert ref['distinct_shapes'] == 1 and ref['optimizer'] == 'adafactor' and ours['optimizer'] == 'adamw'
-    assert ref['samples_per_s'] > 0 and ours['samples_per_s'] > 0
-    with pytest.raises(ValueError, match="regime='fast'"): benchmark_training(songs, tok, 'fast')
