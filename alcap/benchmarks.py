@@ -50,8 +50,10 @@ def si_shaped_songs(n: int, seed: int = 0, split: str = 'train', scale: float = 
     # a text of k tokens is k - 2 words between <s> and </s>
     n_lyr = _lengths(rng, n, SI_LYRICS_TOKENS * scale, 0.45, 8, hi) - 2
     n_cap = _lengths(rng, n, SI_CAPTION_TOKENS * scale, 0.6, 6, hi) - 2
-    text = lambda k: ' '.join(words[rng.choice(n_words, size=k, p=p)])
-    return [Song(f'si-shaped-{seed}-{split}-{i:06d}', text(a), text(b), split=split) for i, (a, b) in enumerate(zip(n_lyr, n_cap))]
+    counts = np.stack([n_lyr, n_cap], 1).ravel()
+    drawn = words[rng.choice(n_words, size=int(counts.sum()), p=p)]     # all words in one draw: fast for thousands of songs
+    texts = [' '.join(w) for w in np.split(drawn, np.cumsum(counts)[:-1])]
+    return [Song(f'si-shaped-{seed}-{split}-{i:06d}', texts[2 * i], texts[2 * i + 1], split=split) for i in range(n)]
 
 def si_tokenizer(songs: list[Song], vocab_size: int = 8000):
     "A byte-level BPE trained on (the first 400 of) the songs, as a random-init run trains one on its data."
@@ -86,9 +88,10 @@ def si_model(size: str, tokenizer, d_m: int, method: str = 'alcap'):
                    decoder_start_token_id=tokenizer.eos_token_id, forced_bos_token_id=tokenizer.bos_token_id)
     drop = dict(dropout=0.1, attention_dropout=0.0, activation_dropout=0.0, scale_embedding=True)  # as build_model
     if size == 'full': base = bart_base_config(50265, **special, **drop)   # BART's vocabulary: the LM head costs what it costs in SI runs
-    else: base = tiny_bart_config(len(tokenizer), d_model=128, layers=4, heads=4, ffn=512, max_positions=130, **special, **drop)
+    else: base = tiny_bart_config(len(tokenizer), d_model=64, layers=2, heads=4, ffn=256, max_positions=130, **special, **drop)
     alpha = 0.02 if method == 'alcap' else 0.0
-    return AlcapForConditionalGeneration.from_bart_config(base, method=method, alpha=alpha, d_music=d_m, fusion_layers=[-2, -1], fusion_scale=0.1)
+    fusion = [-2, -1] if size == 'full' else [-1]     # the tiny encoder has two layers: h_t from the first, fusion after the second
+    return AlcapForConditionalGeneration.from_bart_config(base, method=method, alpha=alpha, d_music=d_m, fusion_layers=fusion, fusion_scale=0.1)
 
 def regime_config(regime: str, size: str, torch_compile: bool = False) -> TrainConfig:
     "The trainer configuration of the 'reference' regime (the original code's) or 'ours' (the trainer's defaults)."
@@ -290,22 +293,29 @@ class _Run:
 
     def left(self) -> float: return self.budget_s - (time.perf_counter() - self.t_start)
 
-    def phase(self, name: str, need_s: float, fn):
-        "Run `fn` if `need_s` seconds are left; record its time or why it did not run; write the files."
+    def phase(self, name: str, need_s: float, fn, fatal: bool = False):
+        "Run `fn` if `need_s` seconds are left; record its time, or why it did not run or failed; write the files."
         t0 = time.perf_counter()
         if self.left() < need_s:
             self.R['phases'].append(dict(name=name, status=f'skipped: {self.left():.0f} s left, needs about {need_s:.0f} s'))
             print(f'[{self.elapsed():6.1f} s] {name}: skipped ({self.left():.0f} s of the budget left)', flush=True)
             self.save(); return None
         print(f'[{self.elapsed():6.1f} s] {name} ...', flush=True)
+        res = oom = None
         try: res = fn()
         except torch.OutOfMemoryError as e:
-            res = None; self.R['phases'].append(dict(name=name, status=f'out of memory: {str(e).splitlines()[0][:200]}'))
-            torch.cuda.empty_cache()
-        except Exception as e:                         # recorded in the files, then raised
+            oom = f'out of memory: {str(e).splitlines()[0][:200]}'
+        except Exception as e:                         # recorded, with its traceback in a file; the next phases still run
+            import traceback
             self.R['phases'].append(dict(name=name, status=f'error: {type(e).__name__}: {(str(e).splitlines() or [""])[0][:300]}'))
-            self.R['status'] = 'error'; self.save()
-            raise
+            with open(self.out/'benchmarks_errors.txt', 'a') as f: f.write(f'--- {name}\n{traceback.format_exc()}\n')
+            print(f'[{self.elapsed():6.1f} s] {name}: {self.R["phases"][-1]["status"]} (traceback in {self.out/"benchmarks_errors.txt"})', flush=True)
+            if fatal: self.R['status'] = 'error'
+            self.save()
+            if fatal: raise
+            return None
+        if oom:                                        # the failed step's tensors are released by now
+            self.R['phases'].append(dict(name=name, status=oom)); torch.cuda.empty_cache()
         else: self.R['phases'].append(dict(name=name, status='done', seconds=round(time.perf_counter() - t0, 1)))
         print(f'[{self.elapsed():6.1f} s] {name}: {self.R["phases"][-1]["status"]} in {time.perf_counter() - t0:.1f} s', flush=True)
         self.save()
@@ -340,7 +350,7 @@ def run_benchmarks(out, size: str = 'auto', budget_s: float = 330, torch_compile
     run.save()
     if device.type == 'cuda':
         torch.backends.cuda.matmul.allow_tf32 = False   # fp32 stays fp32 in the reference regime, as in the original
-    run.phase('smoke check', 1, lambda: smoke_check(device))
+    run.phase('smoke check', 1, lambda: smoke_check(device), fatal=True)
 
     R['peak'] = run.phase('bf16 matmul peak', 2, lambda: matmul_peak_tflops(device))
 
@@ -360,14 +370,14 @@ def run_benchmarks(out, size: str = 'auto', budget_s: float = 330, torch_compile
                              generator=f"alcap.benchmarks.si_shaped_songs(n, seed={seed}, split, scale={p['scale']:g})",
                              tokenize_s=round(tokenize_s, 2), data_s=round(time.perf_counter() - t0, 2))
         return tok, ds
-    made = run.phase('SI-shaped data', 5, data)
+    made = run.phase('SI-shaped data', 5, data, fatal=True)
     if made is None:                                   # out of budget before anything could be measured
         R['status'] = 'partial'; run.save(); return R
     tok, ds = made
     seed_everything(seed)
     model = si_model(size, tok, p['d_m']).to(device)
     init = {k: x.detach().clone() for k, x in model.state_dict().items()}   # every measurement starts from these weights
-    R['model'] = (f"{'bart-base sized BART (6+6 layers, d_model 768, vocabulary 50,265)' if size == 'full' else 'tiny BART (4+4 layers, d_model 128)'}"
+    R['model'] = (f"{'bart-base sized BART (6+6 layers, d_model 768, vocabulary 50,265)' if size == 'full' else 'tiny BART (2+2 layers, d_model 64)'}"
                   f", random init, ALCAP (fusion after encoder layers {model.config.fusion_positions()}, alpha 0.02), "
                   f"{sum(x.numel() for x in model.parameters()) / 1e6:.1f} M parameters")
     cfg = {r: regime_config(r, size) for r in ('reference', 'ours')}
@@ -438,14 +448,25 @@ def run_benchmarks(out, size: str = 'auto', budget_s: float = 330, torch_compile
 
     def checkpoint():
         opt, sched = build_optimizer(cfg['ours'], model, 1)
+        for q in model.parameters(): q.grad = torch.zeros_like(q)
+        opt.step(); opt.zero_grad(set_to_none=True)      # AdamW's moments exist after a first step, as in any real checkpoint
         with tempfile.TemporaryDirectory() as d:
             t0 = time.perf_counter(); save_checkpoint(Path(d)/'last.pt', model, opt, sched, {})
             return dict(seconds=round(time.perf_counter() - t0, 2), gb=round((Path(d)/'last.pt').stat().st_size / 2**30, 2))
     R['checkpoint'] = run.phase('one checkpoint write (model + AdamW state)', 15 if size == 'full' else 1, checkpoint)
+    if g and not g['extrapolated'] and device.type == 'cuda':   # a larger generation batch, if the budget still allows
+        g2 = run.phase('generation, ours, batch 256', g['seconds'] + 15,
+                       lambda: measure_generation(model, ds['test'], tok, col['ours'], gen_c['ours'], device, batch_size=256,
+                                                  time_cap=max(10, run.left() - 20)))
+        if g2:
+            R['generation']['ours_batch_256'] = g2
+            if not g2['extrapolated'] and g2['seconds'] < g['seconds']:
+                R['notes'].append(f"generation at batch 256 took {g2['seconds']} s against {g['seconds']} s at batch 128 (the default)")
     if torch_compile:
         r = run.phase('training, ours, torch.compile', 150, lambda: train_phase('ours', cap=60, compiled=True))
         if r: train['ours_compiled'] = r
     R['status'] = 'done' if all(ph['status'] == 'done' for ph in R['phases']) else 'partial'
+    R['errors'] = [ph['name'] for ph in R['phases'] if ph['status'].startswith('error')]
     run.save()
     print(f"[{run.elapsed():6.1f} s] {R['status']}: wrote {run.out/'benchmarks.json'} and {run.out/'benchmarks.md'}", flush=True)
     return R
@@ -467,7 +488,7 @@ def limits(R: dict) -> list[str]:
         if prof.get('device_busy_fraction') is not None:
             busy = prof['device_busy_fraction']
             out.append(f"The GPU is busy {_f(100 * busy, 0)}% of the profiled steps' wall time"
-                       + (': the host (Python, kernel launches, host syncs inside Hugging Face code) limits, '
+                       + (': the host limits (Python and kernel launches, or waits for the GPU), '
                           'which CUDA graphs or torch.compile address' if busy < 0.85 else ': the kernels themselves limit') + '.')
         kinds = ', '.join(f'{k} {_f(100 * v, 0)}%' for k, v in prof['time_by_kind'].items())
         out.append(f"Time by kind of work ({'device' if R.get('device') == 'cuda' else 'CPU'} time): {kinds}.")
@@ -525,7 +546,8 @@ def benchmarks_markdown(R: dict) -> str:
     gkeys = ('songs', 'songs_timed', 'batch_size', 'batches_timed', 'batches', 'seconds_timed', 'seconds', 'extrapolated', 'new_tokens_per_song',
              'tokens_per_s', 'do_sample', 'precision', 'peak_memory_gb')
     lines += ['', '| generation | ' + ' | '.join(gkeys) + ' |', '|---' * (len(gkeys) + 1) + '|']
-    lines += [f'| {name} | ' + ' | '.join(_f(r.get(k)) for k in gkeys) + ' |' for name, r in (('original regime', gr), ('ours', go)) if r]
+    named = (('original regime', gr), ('ours', go), ('ours, batch 256', gen.get('ours_batch_256')))
+    lines += [f'| {name} | ' + ' | '.join(_f(r.get(k)) for k in gkeys) + ' |' for name, r in named if r]
     if R.get('peak'): lines += ['', f"Measured matmul peak: {R['peak']['tflops']} TFLOP/s ({R['peak']['dtype']}, {R['peak']['n']}^3)."]
     prof = R.get('profile')
     if prof:
@@ -552,10 +574,11 @@ def main(argv: list[str]|None = None):
     if a.size == 'full' and not torch.cuda.is_available(): p.error("--size full needs a CUDA GPU; use --size tiny on a CPU")
     cmd = 'python -m alcap.benchmarks ' + ' '.join(argv if argv is not None else sys.argv[1:])
     try: R = run_benchmarks(a.out, a.size, a.budget_s, a.compile, a.seed, t_start=_T_START, command=cmd)
-    except Exception as e:   # one line, and the partial results already on disk
-        print(f'error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}', file=sys.stderr)
+    except Exception as e:   # one line here; the partial results and the traceback are in --out
+        print(f'error: {type(e).__name__}: {(str(e).splitlines() or [""])[0]} (see {a.out})', file=sys.stderr)
         sys.exit(1)
     print(json.dumps({k: R.get(k) for k in HEADLINE}))
+    if R.get('errors'): print(f"error: phase(s) {R['errors']} failed (tracebacks in {Path(a.out)/'benchmarks_errors.txt'})", file=sys.stderr); sys.exit(1)
 
 # %% ../nbs/08_benchmarks.ipynb #d5fa58fe
 #| eval: false
@@ -575,19 +598,20 @@ def regime_losses(items, tokenizer, size: str = 'tiny', d_m: int|None = None, se
         out[f'{regime}_shape'] = (tuple(b['input_ids'].shape), tuple(b['labels'].shape))
     return out
 
-# %% ../nbs/08_benchmarks.ipynb #74f0471c
-def converge_both(steps: int = 200, seed: int = 0) -> dict:
+# %% ../nbs/08_benchmarks.ipynb #c9a10e09
+def converge_both(steps: int = 200, seed: int = 0, scale: float = 1 / 16) -> dict:
     "Mean loss of the last 20 of `steps` training steps, tiny size on a CPU: ours (buckets, bf16) and fp32 with maximal padding."
     p = SIZES['tiny']
-    songs = si_shaped_songs(p['n_train'], seed, scale=p['scale'])
-    tok = si_tokenizer(songs, vocab_size=500)
+    songs = si_shaped_songs(p['n_train'], seed, scale=scale)
+    tok = si_tokenizer(songs, vocab_size=300)
     pool = np.random.default_rng(seed).standard_normal((16, p['l_m'], p['d_m'])).astype(np.float16)
-    ds = SongDataset(songs, tok, {s.id: pool[i % 16] for i, s in enumerate(songs)}, 64, 64)
+    n = round(SI_MAX_TOKENS * scale)
+    ds = SongDataset(songs, tok, {s.id: pool[i % 16] for i, s in enumerate(songs)}, n, n)
     res = {}
     for regime, precision in (('reference', 'fp32'), ('ours', 'bf16')):
         seed_everything(seed)
         model = si_model('tiny', tok, p['d_m'])
-        c = dataclasses.replace(regime_config('ours', 'tiny'), precision=precision, lr=1e-3, num_workers=0)
+        c = dataclasses.replace(regime_config('ours', 'tiny'), precision=precision, lr=1e-3, num_workers=0, max_source_len=n, max_target_len=n)
         col = regime_collator(regime, c, tok)
         r = measure_training(model, ds, col, c, torch.device('cpu'), steps, warmup=0, grouped=True, seed=seed)
         res[regime] = dict(final=float(np.mean(r['losses'][-20:])), std=float(np.std(r['losses'][-20:])), first=r['losses'][0])

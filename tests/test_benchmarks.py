@@ -48,3 +48,16 @@ def test_both_paths_converge_alike():
     conv = converge_both(200)
     assert conv['ours']['final'] < 0.7 * conv['ours']['first']
     assert abs(conv['ours']['final'] - conv['reference']['final']) < max(0.05 * conv['reference']['final'], 2 * conv['reference']['std']), conv
+
+
+def test_a_failed_check_is_one_line_and_recorded(tmp_path, monkeypatch, capsys):
+    "A library that breaks the model fails the smoke check: one line, exit 1, the status and traceback on disk."
+    import alcap.benchmarks as b
+    def broken(device): raise TypeError("forward() got an unexpected keyword argument 'cache'")
+    monkeypatch.setattr(b, 'smoke_check', broken)
+    with pytest.raises(SystemExit) as e: b.main(['--out', str(tmp_path), '--size', 'tiny'])
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and "unexpected keyword argument 'cache'" in err
+    assert json.loads((tmp_path/'benchmarks.json').read_text())['status'] == 'error'
+    assert 'Traceback' in (tmp_path/'benchmarks_errors.txt').read_text()

@@ -80,6 +80,23 @@ def test_train_works_where_grad_is_disabled(tiny_data, tmp_path):
     finally: torch.set_grad_enabled(True)
 
 
+
+def test_loader_workers_change_nothing_but_speed(tiny_data, tmp_path):
+    "Collating in worker processes (the GPU default) trains exactly what collating in the main process does."
+    runs = {w: train(tiny_config(tiny_data, tmp_path/f'w{w}', max_steps=3, num_workers=w), progress=False) for w in (0, 2)}
+    a, b = final_weights(tmp_path/'w0'), final_weights(tmp_path/'w2')
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rows = (tmp_path/'w2'/'log_steps.csv').read_text().splitlines()
+    assert len(rows) == 4 and all(float(r.split(',')[-1]) > 0 for r in rows[1:])   # samples_per_s, wall clock
+
+
+def test_losses_read_in_windows_log_every_step(tiny_data, tmp_path):
+    "Losses read back 3 steps at a time (as on a GPU, 10 at a time) still give one row per step, the same as every step."
+    train(tiny_config(tiny_data, tmp_path/'every', max_steps=4), progress=False, log_every=1)
+    train(tiny_config(tiny_data, tmp_path/'window', max_steps=4), progress=False, log_every=3)
+    read = lambda d: [r.split(',')[:4] for r in (tmp_path/d/'log_steps.csv').read_text().splitlines()]
+    assert read('every') == read('window') and len(read('window')) == 5
+
 # --- checkpoints and resume ----------------------------------------------------------------------------
 
 def test_resume_is_bit_identical(tiny_data, tmp_path):
