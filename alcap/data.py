@@ -670,9 +670,9 @@ class Collator:
 
     def _pad(self, seqs, value, max_len):
         L = bucket_length(max(len(s) for s in seqs), self.multiple, max_len)
-        out = torch.full((len(seqs), L), value, dtype=torch.long)
-        for i, s in enumerate(seqs): out[i, :len(s)] = torch.as_tensor(s[:L])
-        return out
+        out = np.full((len(seqs), L), value, dtype=np.int64)   # filled in numpy: one tensor made, not one per item
+        for i, s in enumerate(seqs): out[i, :len(s)] = s[:L]
+        return torch.from_numpy(out)
 
     def __call__(self, items: list[dict]) -> dict:
         input_ids = self._pad([it['input_ids'] for it in items], self.pad_token_id, self.max_source_len)
@@ -681,11 +681,12 @@ class Collator:
                      song_ids=torch.tensor([it.get('song_idx', i) for i, it in enumerate(items)]))
         if 'h_m' in items[0]:
             l_m = max(len(it['h_m']) for it in items)
-            h = torch.zeros(len(items), l_m, items[0]['h_m'].shape[-1])
-            m = torch.zeros(len(items), l_m, dtype=torch.long)
+            h = np.zeros((len(items), l_m, items[0]['h_m'].shape[-1]), dtype=np.float32)
+            m = np.zeros((len(items), l_m), dtype=np.int64)
             for i, it in enumerate(items):
-                n = len(it['h_m']); h[i, :n] = torch.as_tensor(np.asarray(it['h_m'], dtype=np.float32))
+                n = len(it['h_m']); h[i, :n] = it['h_m']
                 m[i, :it.get('music_len', n)] = 1
+            h, m = torch.from_numpy(h), torch.from_numpy(m)
             batch.update(music_features=h, music_attention_mask=m)
         return batch
 

@@ -98,14 +98,15 @@ class FusionCrossAttention(nn.Module):
         super().__init__()
         self.attn = nn.MultiheadAttention(d_model, n_heads, kdim=d_music, vdim=d_music, batch_first=True)
 
-    def forward(self, h_t, h_m, music_mask=None):
-        "The attended music (B, L, d_model) and the weights (B, L, l_m), averaged over heads."
-        if music_mask is None: return self.attn(h_t, h_m, h_m, need_weights=True)
+    def forward(self, h_t, h_m, music_mask=None, need_weights: bool = True):
+        "The attended music (B, L, d_model) and the weights (B, L, l_m), averaged over heads (None unless `need_weights`)."
+        # need_weights=False lets PyTorch use scaled_dot_product_attention (fused kernels) instead of materialising them
+        if music_mask is None: return self.attn(h_t, h_m, h_m, need_weights=need_weights)
         empty = ~music_mask.bool().any(1)              # softmax over no frame at all would give NaN ...
         pad = ~music_mask.bool() & ~empty[:, None]
-        out, w = self.attn(h_t, h_m, h_m, key_padding_mask=pad, need_weights=True)
+        out, w = self.attn(h_t, h_m, h_m, key_padding_mask=pad, need_weights=need_weights)
         keep = (~empty).to(out.dtype)[:, None, None]   # ... so such a row gets no fusion update
-        return out * keep, w * keep
+        return out * keep, (w * keep if w is not None else None)
 
 # %% ../nbs/02_model.ipynb #0cc03f0e
 @dataclass
@@ -129,7 +130,7 @@ class _MusicAwareEncoder:
     "What `generate` sees as the encoder: it hands the music on to `AlcapForConditionalGeneration.encode`."
     def __init__(self, model): self.model = model
     def forward(self, input_ids=None, attention_mask=None, music_features=None, music_attention_mask=None, **kwargs):
-        return self.model.encode(input_ids, attention_mask, music_features, music_attention_mask)
+        return self.model.encode(input_ids, attention_mask, music_features, music_attention_mask, need_weights=False)
     __call__ = forward
 
 # %% ../nbs/02_model.ipynb #4b64c356
@@ -157,7 +158,7 @@ class AlcapForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
     def get_encoder(self, modality=None): return _MusicAwareEncoder(self)
     def get_decoder(self): return self.model.decoder
 
-    def encode(self, input_ids, attention_mask=None, music_features=None, music_attention_mask=None):
+    def encode(self, input_ids, attention_mask=None, music_features=None, music_attention_mask=None, need_weights=True):
         "BART's encoder, run layer by layer so that fusion can follow chosen layers and h_t can be read off."
         enc, cfg = self.model.encoder, self.config
         x = enc.embed_tokens(input_ids)
@@ -172,9 +173,9 @@ class AlcapForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
             if i == cfg.text_layer(): h_t = h
             if i in places:
                 k = places.index(i)
-                attn, w = self.fusion[k](h, music_features, music_attention_mask)
+                attn, w = self.fusion[k](h, music_features, music_attention_mask, need_weights)
                 h = self.fusion_norms[0 if cfg.fusion_share_norm else k](h + cfg.fusion_scale * attn)
-                maps.append(w)
+                if w is not None: maps.append(w)
         return AlcapEncoderOutput(last_hidden_state=h, h_t=h_t, fusion_attentions=tuple(maps) or None)
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, music_features=None, music_attention_mask=None,
@@ -184,7 +185,7 @@ class AlcapForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
         if labels is not None and decoder_input_ids is None:
             decoder_input_ids = shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
         if encoder_outputs is None:
-            encoder_outputs = self.encode(input_ids, attention_mask, music_features, music_attention_mask)
+            encoder_outputs = self.encode(input_ids, attention_mask, music_features, music_attention_mask, output_fusion_attentions)
         dec = self.model.decoder(input_ids=decoder_input_ids, attention_mask=decoder_attention_mask,
                                  encoder_hidden_states=encoder_outputs.last_hidden_state,
                                  encoder_attention_mask=attention_mask, use_cache=use_cache, **{CACHE_NAME: cache})
@@ -202,6 +203,14 @@ class AlcapForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
         return AlcapOutput(loss=loss, loss_cap=loss_cap, loss_contrast=loss_contrast, logits=logits,
                            encoder_last_hidden_state=encoder_outputs.last_hidden_state, fusion_attentions=maps,
                            **{CACHE_NAME: getattr(dec, CACHE_NAME)})
+
+    def _reorder_cache(self, cache, beam_idx):
+        "Beam search: reorder the self-attention cache only; every beam of a song has the same cross-attention keys."
+        # beams are only ever re-drawn from the same song's beams, and the encoder output was copied to each of them,
+        # so reordering the cross-attention cache (the largest, l_src long) would copy it onto itself every step
+        if hasattr(cache, 'self_attention_cache'): cache.self_attention_cache.reorder_cache(beam_idx)
+        else: cache.reorder_cache(beam_idx)
+        return cache
 
     @classmethod
     def from_bart(cls, bart, method='alcap', **options):

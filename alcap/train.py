@@ -21,8 +21,8 @@ __all__ = ['DATASETS', 'METHODS', 'PRESETS', 'GENERATION_PARAMS', 'STEP_FIELDS',
            'Dist', 'setup_distributed', 'seed_everything', 'load_dataset_songs', 'ensure_features', 'fusion_layers',
            'build_model', 'build_optimizer', 'save_torch', 'save_checkpoint', 'load_checkpoint', 'generation_kwargs',
            'generation_settings', 'generate_captions', 'CsvLog', 'validation_losses', 'demo_scores',
-           'generation_scores', 'hardware', 'run_tokenizer', 'write_captions', 'data_manifest', 'same_data', 'train',
-           'finish_run', 'train_cli', 'benchmark_training']
+           'generation_scores', 'hardware', 'run_tokenizer', 'write_captions', 'data_manifest', 'same_data',
+           'default_num_workers', 'train_loader', 'train_step', 'StepWindow', 'train', 'finish_run', 'train_cli']
 
 # %% ../nbs/03_train.ipynb #51513b9e
 DATASETS = ('demo', 'si-full', 'si-votes-ge0', 'si-votes-gt0', 'ncm', 'jsonl')
@@ -74,7 +74,7 @@ class TrainConfig:
     fusion_scale: float|None = None       # h = LayerNorm(h + fusion_scale * attn); 0.1 as the original code (SI preset)
     max_source_len: int|None = None
     max_target_len: int|None = None
-    precision: str = 'auto'               # 'auto' (bf16 autocast on GPU, fp32 on CPU), 'bf16' or 'fp32'
+    precision: str = 'auto'               # 'auto' (bf16 autocast on GPU, fp32 on CPU), 'bf16' (autocast on any device) or 'fp32'
     eval_every: int|None = None           # validate every N epochs
     best_metric: str = 'val_loss'         # 'val_loss' (lower is better) or a generation metric on validation: 'rougeL', 'meteor', ...
     val_generate_n: int|None = None       # validation songs captioned at each validation (0: none) for generation metrics
@@ -91,7 +91,8 @@ class TrainConfig:
     output_dir: str = 'runs/demo_alcap_s0'
     save_every: int = 100                 # steps between mid-epoch checkpoints
     max_steps: int|None = None            # stop after this many optimiser steps (tests, quick looks)
-    num_workers: int = 0
+    num_workers: int|None = None          # data-loading processes (None: 4 on a GPU, so collation overlaps the step; 0 on a CPU)
+    torch_compile: bool = False           # GPU only: torch.compile the training forward/backward (minutes of warm-up)
 
     @property
     def preset(self) -> str: return 'demo' if self.dataset in ('demo', 'jsonl') else 'si'
@@ -302,24 +303,30 @@ def generation_settings(c: TrainConfig, model) -> dict:
     return s
 
 @torch.no_grad()
-def generate_captions(model, dataset: SongDataset, tokenizer, collate, c: TrainConfig, device, indices=None, batch_size: int = 32) -> list[str]:
-    "Captions for `dataset` items (all, or `indices`), in order."
+def generate_captions(model, dataset: SongDataset, tokenizer, collate, c: TrainConfig, device, indices=None, batch_size: int|None = None,
+                      stats: dict|None = None) -> list[str]:
+    "Captions for `dataset` items (all, or `indices`), in order; `stats`, when given, receives the new-token count."
     model.eval()
+    # beam search is a few hundred small sequential steps: on a GPU, the bigger the batch the fewer of them
+    batch_size = batch_size or (128 if device.type == 'cuda' else 32)
     idx = list(range(len(dataset))) if indices is None else list(indices)
     order = sorted(idx, key=lambda i: -len(dataset.input_ids[i]))  # similar lengths together: less padding
-    out = {}
+    out, new_tokens = {}, 0
     for k in range(0, len(order), batch_size):
         chunk = order[k:k + batch_size]
         b = collate([dataset[i] for i in chunk])
-        kw = {key: b[key].to(device) for key in ('input_ids', 'attention_mask', 'music_features', 'music_attention_mask') if key in b}
+        kw = {key: b[key].to(device, non_blocking=True) for key in ('input_ids', 'attention_mask', 'music_features', 'music_attention_mask') if key in b}
         with _autocast(c, device): ids = model.generate(**kw, **generation_kwargs(c, model))
+        ids = ids.cpu()
+        new_tokens += int(ids[:, 1:].ne(model.config.pad_token_id).sum())   # the first is the decoder start token
         for i, text in zip(chunk, tokenizer.batch_decode(ids, skip_special_tokens=True)): out[i] = text.strip()
+    if stats is not None: stats.update(new_tokens=new_tokens, captions=len(idx), batch_size=batch_size)
     return [out[i] for i in idx]
 
 def _autocast(c: TrainConfig, device):
-    "bf16 autocast on GPU unless fp32 is asked for; nothing on CPU."
-    use = device.type == 'cuda' and c.precision != 'fp32'
-    return torch.autocast('cuda', dtype=torch.bfloat16) if use else nullcontext()
+    "bf16 autocast: 'auto' on a GPU only, 'bf16' on any device (CPUs too, for tests), never with 'fp32'."
+    use = c.precision == 'bf16' or (c.precision == 'auto' and device.type == 'cuda')
+    return torch.autocast(device.type, dtype=torch.bfloat16) if use else nullcontext()
 
 # %% ../nbs/03_train.ipynb #3d7eb0d0
 STEP_FIELDS = ['step', 'epoch', 'loss', 'loss_cap', 'loss_contrast', 'lr', 'samples_per_s']
@@ -399,7 +406,7 @@ def write_captions(path, songs, predictions):
     atomic_write(path, buf.getvalue())
 
 # %% ../nbs/03_train.ipynb #ac353cab
-_RUN_KEYS_ALLOWED_TO_CHANGE = {'output_dir', 'max_steps', 'num_workers', 'save_every'}
+_RUN_KEYS_ALLOWED_TO_CHANGE = {'output_dir', 'max_steps', 'num_workers', 'save_every', 'torch_compile'}
 
 def data_manifest(data_dir) -> dict|None:
     "The dataset's `dataset.json` (a run records it as what it was trained on), or None for data without one."
@@ -416,9 +423,57 @@ def _check_same_run(out: Path, cfg: dict):
     diff = {k: (old.get(k), v) for k, v in cfg.items() if k not in _RUN_KEYS_ALLOWED_TO_CHANGE and old.get(k) != v}
     if diff: raise ValueError(f"{out} holds a run with other parameters {diff} (old, new): use another output_dir")
 
+# %% ../nbs/03_train.ipynb #a7c1f2e0
+def default_num_workers(device) -> int:
+    "Data-loading processes when `num_workers` is None: 4 on a GPU (collation overlaps the step), none on a CPU."
+    return min(4, max(1, (os.cpu_count() or 2) // 2)) if device.type == 'cuda' else 0
+
+def train_loader(dataset, sampler, collate, c: TrainConfig, device):
+    "The training DataLoader: worker processes and pinned memory on a GPU."
+    workers = c.num_workers if c.num_workers is not None else default_num_workers(device)
+    # a private generator: a DataLoader otherwise draws its base seed from the global RNG, which drives dropout
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
+                                       pin_memory=device.type == 'cuda', prefetch_factor=4 if workers else None,
+                                       generator=torch.Generator().manual_seed(c.seed))
+
+def train_step(fwd, model, batch, opt, sched, c: TrainConfig, device, world: int = 1) -> dict:
+    "One optimiser step of `fwd` (the model, its DDP or compiled wrapper); the losses come back as device tensors."
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    n_tok = batch['labels'].ne(-100).sum()
+    if world > 1: dist.all_reduce(n_tok)
+    with _autocast(c, device): o = fwd(**batch, num_items_in_batch=n_tok)
+    (o.loss * world).backward()
+    if c.grad_clip: torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
+    opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
+    named = dict(loss=o.loss, loss_cap=o.loss_cap, loss_contrast=o.loss_contrast)
+    return {k: v.detach() for k, v in named.items() if v is not None}
+
+class StepWindow:
+    "Steps' rows with their losses on the device, read with one host sync per window; wall-clock samples/s."
+    def __init__(self, every: int):
+        self.every, self.rows, self.t = every, [], time.perf_counter()
+
+    def add(self, samples: int, losses: dict, **row) -> bool:
+        "Keep one step's row; True when the window is full."
+        self.rows.append((samples, losses, row))
+        return len(self.rows) >= self.every
+
+    def restart_clock(self): self.t = time.perf_counter()
+
+    def flush(self) -> list[dict]:
+        "The rows with their losses as floats, each with the window's samples per second of wall clock."
+        if not self.rows: return []
+        names = list(self.rows[0][1])
+        values = torch.stack([torch.stack([l[k].float() for k in names]) for _, l, _ in self.rows]).tolist() if names else [[]] * len(self.rows)
+        now = time.perf_counter()
+        sps = sum(n for n, _, _ in self.rows) / max(now - self.t, 1e-9)
+        out = [dict(row, **dict(zip(names, v)), samples_per_s=sps) for (_, _, row), v in zip(self.rows, values)]
+        self.rows, self.t = [], now
+        return out
+
 # %% ../nbs/03_train.ipynb #8fc5c1f5
 @torch.enable_grad()  # whatever grad mode the caller's session is in
-def train(c: TrainConfig, command: str|None = None, progress: bool = True) -> dict:
+def train(c: TrainConfig, command: str|None = None, progress: bool = True, log_every: int|None = None) -> dict:
     "Train one model as configured; resume from `output_dir` if it holds a checkpoint. Returns a summary."
     from tqdm import tqdm
     c = validate(c.resolve())
@@ -456,6 +511,9 @@ def train(c: TrainConfig, command: str|None = None, progress: bool = True) -> di
         step_log = CsvLog(out/'log_steps.csv', STEP_FIELDS, state['step'] if resumed else None)
         epoch_log = CsvLog(out/'log_epochs.csv', EPOCH_FIELDS, state['step'] if resumed else None)
     lower_better = c.best_metric.endswith('loss')
+    # on a CPU reading a loss costs nothing; on a GPU each read is a host sync, so rows are read 10 at a time
+    log_every = log_every or (1 if ctx.device.type == 'cpu' else 10)
+    fwd = torch.compile(ddp) if c.torch_compile and ctx.device.type == 'cuda' else ddp
 
     def checkpoint():
         if ctx.main: save_checkpoint(out/'checkpoints'/'last.pt', model, opt, sched, dict(state))
@@ -463,31 +521,29 @@ def train(c: TrainConfig, command: str|None = None, progress: bool = True) -> di
     while state['epoch'] < c.epochs:
         epoch, t_epoch = state['epoch'], time.time()
         sampler.set_epoch(epoch, skip=state['batches_done'])
-        # a private generator: a DataLoader otherwise draws its base seed from the global RNG, which drives dropout
-        loader = torch.utils.data.DataLoader(data['train'], batch_sampler=sampler, collate_fn=collate, num_workers=c.num_workers,
-                                             generator=torch.Generator().manual_seed(c.seed))
+        loader = train_loader(data['train'], sampler, collate, c, ctx.device)
         model.train(); losses = []
         bar = tqdm(loader, desc=f'epoch {epoch + 1}/{c.epochs}', disable=not (progress and ctx.main), mininterval=2, file=sys.stderr)
+        window = StepWindow(log_every)                 # its clock runs from here: starting the loader counts
+
+        def log(rows):
+            losses.extend(r['loss'] for r in rows)
+            if ctx.main and rows:
+                for r in rows: step_log.write(**r)
+                bar.set_postfix(loss=f"{rows[-1]['loss']:.3f}", sps=f"{rows[-1]['samples_per_s']:.0f}")
+
         for batch in bar:
-            t0 = time.time()
-            batch = {k: v.to(ctx.device, non_blocking=True) for k, v in batch.items()}
-            n_tok = batch['labels'].ne(-100).sum()
-            if ctx.world > 1: dist.all_reduce(n_tok)
-            with _autocast(c, ctx.device): o = ddp(**batch, num_items_in_batch=n_tok)
-            (o.loss * ctx.world).backward()
-            if c.grad_clip: torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
-            opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
+            n = len(batch['input_ids']) * ctx.world
+            step_losses = train_step(fwd, model, batch, opt, sched, c, ctx.device, ctx.world)
             state['step'] += 1; state['batches_done'] += 1
-            losses.append(o.loss.item())
-            sps = len(batch['input_ids']) * ctx.world / (time.time() - t0)
-            if ctx.main:
-                step_log.write(step=state['step'], epoch=epoch + state['batches_done'] / steps_per_epoch, loss=losses[-1], loss_cap=o.loss_cap.item(),
-                               loss_contrast=None if o.loss_contrast is None else o.loss_contrast.item(), lr=sched.get_last_lr()[0], samples_per_s=sps)
-                bar.set_postfix(loss=f'{losses[-1]:.3f}', sps=f'{sps:.0f}')
-            if state['step'] % c.save_every == 0: checkpoint()
-            if c.max_steps is not None and state['step'] >= c.max_steps:
+            save, stop = state['step'] % c.save_every == 0, c.max_steps is not None and state['step'] >= c.max_steps
+            full = window.add(n, step_losses, step=state['step'], epoch=epoch + state['batches_done'] / steps_per_epoch, lr=sched.get_last_lr()[0])
+            if full or save or stop: log(window.flush())
+            if save: checkpoint(); window.restart_clock()
+            if stop:
                 checkpoint()
                 return dict(status='stopped', step=state['step'], epoch=epoch, output_dir=str(out))
+        log(window.flush())
         state['epoch'], state['batches_done'] = epoch + 1, 0
         row = dict(epoch=epoch + 1, step=state['step'], train_loss=float(np.mean(losses)) if losses else None)
         if ctx.main and ((epoch + 1) % c.eval_every == 0 or epoch + 1 == c.epochs):
@@ -554,37 +610,3 @@ def train_cli(argv: list[str]|None = None):
     summary = train(cfg, command=cmd, progress=not quiet)
     if int(os.environ.get('RANK', '0')) == 0: print(json.dumps(summary))
     if dist.is_initialized(): dist.destroy_process_group()
-
-# %% ../nbs/03_train.ipynb #1a8009e4
-def benchmark_training(songs, tokenizer, regime: str = 'ours', model_size: str = 'tiny', batch_size: int = 26, steps: int = 10,
-                       method: str = 'alcap', l_m: int = 119, d_m: int = 256, seed: int = 0) -> dict:
-    "Samples/s of training steps in the 'reference' regime (pad to 512, fp32, Adafactor) or 'ours' (buckets, bf16 on GPU, AdamW)."
-    _choice('regime', regime, ('reference', 'ours'))
-    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    ref = regime == 'reference'
-    c = validate(TrainConfig(method=method, alpha=0.02 if method == 'alcap' else 0.0, model_size=model_size, text_init='random',
-                             optimizer='adafactor' if ref else 'adamw', precision='fp32' if ref else 'auto', fusion_scale=0.1).resolve(), check_files=False)
-    c.max_source_len = c.max_target_len = 512
-    seed_everything(seed)
-    feats = {s.id: np.random.default_rng(0).standard_normal((l_m, d_m)).astype(np.float16) for s in songs}
-    ds = SongDataset(songs, tokenizer, feats if method != 'bart' else None, 512, 512)
-    collate = Collator(tokenizer.pad_token_id, multiple=512 if ref else 64, max_source_len=512, max_target_len=512)
-    model = build_model(c, tokenizer, d_m if method != 'bart' else None).to(device).train()
-    opt, _ = build_optimizer(c, model, steps + 2)
-    sampler = LengthGroupedBatchSampler(ds.lengths, batch_size, shuffle=True, seed=seed, mega_batch_mult=1 if ref else 16)
-    batches = [collate([ds[i] for i in b]) for b in list(sampler)[:steps + 2]]
-    def step(b):
-        b = {k: v.to(device) for k, v in b.items()}
-        with _autocast(c, device): loss = model(**b).loss
-        loss.backward(); torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step(); opt.zero_grad(set_to_none=True)
-        return len(b['input_ids'])
-    for b in batches[:2]: step(b)  # warm-up
-    if device.type == 'cuda': torch.cuda.synchronize()
-    t0, n = time.perf_counter(), 0
-    for b in batches[2:]: n += step(b)
-    if device.type == 'cuda': torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
-    shapes = sorted({(tuple(b['input_ids'].shape[1:]), tuple(b['labels'].shape[1:])) for b in batches[2:]})
-    return dict(regime=regime, model=f'{model_size} (random init)', method=method, batch_size=batch_size, steps=len(batches) - 2,
-                samples_per_s=round(n / dt, 2), distinct_shapes=len(shapes), precision='bf16' if (device.type == 'cuda' and not ref) else 'fp32',
-                optimizer=c.optimizer, device=hardware())
