@@ -27,7 +27,8 @@ def _json(path) -> dict:
     try: return json.loads(Path(path).read_text(encoding='utf-8'))
     except (OSError, ValueError) as e: raise CaptionError(f'{path}: unreadable ({type(e).__name__}: {e})') from None
 
-def _is_model(p: Path) -> bool: return (p/'config.json').is_file() and _json(p/'config.json').get('model_type') == 'alcap'
+def _is_model(p: Path) -> bool:
+    return (p/'config.json').is_file() and _json(p/'config.json').get('model_type') == 'alcap'
 
 def find_model(path) -> tuple[Path, Path | None]:
     "The saved-model folder for `path` (a run folder or its `model/`) and the run folder around it (None if none)."
@@ -60,25 +61,34 @@ def music_settings(config, run_dir=None) -> tuple[str | None, dict | None]:
 # %% ../nbs/03a_caption.ipynb #ca00000e
 def build_encoder(name: str, prep: dict, checkpoint=None):
     "The frozen encoder that made a model's training features, rebuilt from its recorded settings; CaptionError if not."
-    p, imported = dict(prep), f"it was trained on imported {name!r} features ({prep})"
+    p = dict(prep)
+    imported = f'it was trained on imported {name!r} features ({prep})'
     if name in ('musicnn-msd', 'musicnn-mtt') and {'model', 'pretrained', 'seconds'} <= set(p):
-        try: enc = MusicnnEncoder(p['model'], layers=p.get('layers', ('frames',)), pool=p.get('pool', 8), seconds=p['seconds'],
-                                  pretrained=p['pretrained'], seed=p.get('seed') or 0)
-        except ModuleNotFoundError as e: raise CaptionError(str(e)) from None
+        try:
+            enc = MusicnnEncoder(p['model'], layers=p.get('layers', ('frames',)), pool=p.get('pool', 8),
+                                 seconds=p['seconds'], pretrained=p['pretrained'], seed=p.get('seed') or 0)
+        except ModuleNotFoundError as e:
+            raise CaptionError(str(e)) from None
     elif name == 'cnnsa' and {'pretrained', 'seconds'} <= set(p):
         ckpt = checkpoint or p.get('checkpoint')
         if p['pretrained'] and not ckpt:
-            raise CaptionError(f"{imported[:-1]}, no CNNSA checkpoint recorded): pass --music-checkpoint model_cnnsa.pth "
-                               "to compute h_m from audio, or precomputed h_m with --features")
+            raise CaptionError(f'{imported} with no CNNSA checkpoint recorded: pass --music-checkpoint '
+                               'model_cnnsa.pth to compute h_m from audio, or precomputed h_m with --features')
         if p['pretrained'] and not Path(ckpt).is_file():
-            raise CaptionError(f"the model's music encoder is CNNSA with the checkpoint {ckpt}, which is not there: "
-                               "pass --music-checkpoint PATH (the authors' model_cnnsa.pth), or precomputed h_m with --features")
-        try: enc = CNNSAEncoder(ckpt if p['pretrained'] else None, seconds=p['seconds'], seed=p.get('seed') or 0)
-        except ValueError as e: raise CaptionError(f'--music-checkpoint {ckpt}: {e}') from None
-    else: raise CaptionError(f'{imported}: no encoder weights to compute h_m from audio; caption with precomputed h_m (--features)')
+            raise CaptionError(f'its music encoder is CNNSA with the checkpoint {ckpt}, which is not there: pass '
+                               "--music-checkpoint PATH (the authors' model_cnnsa.pth), or h_m with --features")
+        try:
+            enc = CNNSAEncoder(ckpt if p['pretrained'] else None, seconds=p['seconds'], seed=p.get('seed') or 0)
+        except ValueError as e:
+            raise CaptionError(f'--music-checkpoint {ckpt}: {e}') from None
+    else:
+        raise CaptionError(f'{imported}: no encoder weights to compute h_m from audio; '
+                           'caption with precomputed h_m (--features)')
     differ = {k: (p[k], v) for k, v in enc.config.items() if k in p and k != 'checkpoint' and p[k] != v}
-    if p.get('l_m', enc.l_m) != enc.l_m: differ['l_m'] = (p['l_m'], enc.l_m)
-    if differ: raise CaptionError(f'the music encoder rebuilt here differs from the one training used (recorded, rebuilt): {differ}')
+    if p.get('l_m', enc.l_m) != enc.l_m:
+        differ['l_m'] = (p['l_m'], enc.l_m)
+    if differ:
+        raise CaptionError(f'the music encoder rebuilt here differs from the one of training: {differ} (then, now)')
     return enc.eval()
 
 # %% ../nbs/03a_caption.ipynb #ca000011
@@ -98,7 +108,9 @@ class Captioner:
         self.model, self.tokenizer, self.name = model.to(self.device).eval(), tokenizer, str(name)
         self.encoder = encoder.to(self.device).eval() if encoder is not None else None
         self.preprocessing, self.encoder_problem = dict(preprocessing or {}), encoder_problem
-        self.max_source_len = max_source_len or min(model.config.max_position_embeddings - 2, tokenizer.model_max_length)
+        # without a recorded limit: what the position embeddings allow (BART's two offset positions aside)
+        positions = model.config.max_position_embeddings - 2
+        self.max_source_len = max_source_len or min(positions, tokenizer.model_max_length)
         self.generation, self.precision = dict(generation or {}), precision
         self.collate = Collator(tokenizer.pad_token_id, max_source_len=self.max_source_len, max_target_len=1)
 
@@ -129,23 +141,32 @@ def _from_pretrained(cls, path, device=None, music_checkpoint=None, precision='a
     limit = model.config.max_source_len or params.get('max_source_len')
     return cls(model, tokenizer, encoder, prep, limit, gen, device, precision, problem, model_dir)
 
+def _describe_music(self: Captioner) -> str:
+    "How this captioner prepares music, in words."
+    p = self.preprocessing
+    if not self.uses_music: return 'no music (lyrics only)'
+    if self.encoder is None: return f'music: cannot compute h_m from audio ({self.encoder_problem})'
+    weights = 'pretrained' if p.get('pretrained') else 'random init'
+    return (f"music: {self.encoder.name} ({weights}), {p.get('seconds')} s from the {p.get('policy')}, "
+            f"short clips {p.get('pad')}-padded")
+
 def _repr(self: Captioner) -> str:
-    c, p = self.model.config, self.preprocessing
-    music = 'no music (lyrics only)' if not c.use_music else (
-        f"music: {self.encoder.name if self.encoder is not None else ''} ({'pretrained' if p.get('pretrained') else 'random init'}), "
-        f"{p.get('seconds')} s from the {p.get('policy')}, short clips {p.get('pad')}-padded" if self.encoder is not None
-        else f'music: cannot compute h_m from audio ({self.encoder_problem})')
-    return f'Captioner({self.name}: {c.method}, text {c.text_init}; {music}; lyrics up to {self.max_source_len} tokens; {self.device})'
+    c = self.model.config
+    return (f'Captioner({self.name}: {c.method}, text {c.text_init}; {_describe_music(self)}; '
+            f'lyrics up to {self.max_source_len} tokens; {self.device})')
 
 Captioner.from_pretrained, Captioner.__repr__ = classmethod(_from_pretrained), _repr
 
 # %% ../nbs/03a_caption.ipynb #ca000015
 def _clip(self: Captioner, audio) -> tuple[np.ndarray, int]:
     "The excerpt of `audio` (a file, or a 16 kHz mono array) training would have cut, and its number of real samples."
-    if self.encoder is None: raise CaptionError(self.encoder_problem or f'{self.name}: a lyrics-only model takes no audio')
+    if self.encoder is None:
+        raise CaptionError(self.encoder_problem or f'{self.name}: a lyrics-only model takes no audio')
     y = load_audio(audio) if isinstance(audio, (str, os.PathLike)) else np.asarray(audio, dtype=np.float32)
-    if y.ndim != 1 or not len(y): raise CaptionError(f'audio array of shape {y.shape}: expected 16 kHz mono samples (N,)')
-    return excerpt(y, SR, self.encoder.seconds, self.preprocessing.get('policy', 'start'), self.preprocessing.get('pad', 'repeat'))
+    if y.ndim != 1 or not len(y):
+        raise CaptionError(f'audio array of shape {y.shape}: expected 16 kHz mono samples (N,)')
+    policy, pad = self.preprocessing.get('policy', 'start'), self.preprocessing.get('pad', 'repeat')
+    return excerpt(y, SR, self.encoder.seconds, policy, pad)
 
 @torch.no_grad()
 def _encode(self: Captioner, clips, n_real) -> list[tuple[np.ndarray, int]]:
@@ -170,7 +191,8 @@ def _lyrics_ids(self: Captioner, lyrics, name='lyrics') -> list[int]:
     if not isinstance(lyrics, str) or not lyrics.strip(): raise CaptionError(f'{name}: empty lyrics')
     ids = self.tokenizer(lyrics, verbose=False)['input_ids']
     if len(ids) > self.max_source_len:
-        warnings.warn(f"{name}: {len(ids)} tokens, cut to the model's limit of {self.max_source_len}", LyricsTruncated, stacklevel=2)
+        msg = f"{name}: {len(ids)} tokens, cut to the model's limit of {self.max_source_len}"
+        warnings.warn(msg, LyricsTruncated, stacklevel=2)
         ids = self.tokenizer(lyrics, truncation=True, max_length=self.max_source_len)['input_ids']  # as training did
     return ids
 
@@ -185,7 +207,8 @@ class _Clips(torch.utils.data.Dataset):
         s = self.songs[i]
         if not self.cap.uses_music or s.get('h_m') is not None: return i, None, None
         try:
-            if s.get('audio') is None: raise CaptionError(f"song {s.get('id') or i}: no audio (the model listens to the music)")
+            if s.get('audio') is None:
+                raise CaptionError(f"song {s.get('id') or i}: no audio (the model listens to the music)")
             with warnings.catch_warnings():
                 warnings.simplefilter('ignore')  # repaired samples are fine here, as in bulk feature extraction
                 return i, self.cap._clip(s['audio']), None
@@ -197,7 +220,8 @@ def _h_m(self: Captioner, h_m, name) -> tuple[np.ndarray, int]:
     h = np.asarray(h_m, dtype=np.float32)
     while h.ndim > 2 and h.shape[0] == 1: h = h[0]
     d = self.model.config.d_music
-    if h.ndim != 2 or h.shape[1] != d or not len(h): raise CaptionError(f'{name}: h_m of shape {h.shape}, the model needs (frames, {d})')
+    if h.ndim != 2 or h.shape[1] != d or not len(h):
+        raise CaptionError(f'{name}: h_m of shape {h.shape}, the model needs (frames, {d})')
     return h, len(h)
 
 @torch.no_grad()
@@ -207,7 +231,8 @@ def _generate(self: Captioner, ids, music=None) -> list[str]:
     for it, m in zip(items, music or [None] * len(items)):
         if m is not None: it.update(h_m=m[0], music_len=m[1])
     b = self.collate(items)
-    kw = {k: b[k].to(self.device) for k in ('input_ids', 'attention_mask', 'music_features', 'music_attention_mask') if k in b}
+    keys = ('input_ids', 'attention_mask', 'music_features', 'music_attention_mask')
+    kw = {k: b[k].to(self.device) for k in keys if k in b}
     use_bf16 = self.device.type == 'cuda' and self.precision != 'fp32'  # as training's autocast
     with torch.autocast('cuda', dtype=torch.bfloat16) if use_bf16 else nullcontext():
         out = self.model.generate(**kw, **self.generation)
@@ -220,7 +245,8 @@ def _iter_captions(self: Captioner, songs, batch_size: int = 8, num_workers: int
     "Caption `songs` (dicts: id, lyrics, audio or h_m) a batch at a time; yield (song, caption, error) in order."
     from tqdm.auto import tqdm
     songs = [dict(s) for s in songs]
-    loader = torch.utils.data.DataLoader(_Clips(self, songs), batch_size=batch_size, num_workers=num_workers, collate_fn=list)
+    loader = torch.utils.data.DataLoader(_Clips(self, songs), batch_size=batch_size, num_workers=num_workers,
+                                         collate_fn=list)
     bar = tqdm(total=len(songs), desc='captioning', unit='song', disable=not progress, file=sys.stderr)
     for batch in loader:
         ready, errors, to_encode = [], {}, []
@@ -234,15 +260,19 @@ def _iter_captions(self: Captioner, songs, batch_size: int = 8, num_workers: int
                 ready.append([i, ids, music])
             except Exception as e: errors[i] = e
         if to_encode:  # one encoder call for the batch's audio
-            for (k, _), m in zip(to_encode, self._encode([c[0] for _, c in to_encode], [c[1] for _, c in to_encode])): ready[k][2] = m
-        texts = self._generate([r[1] for r in ready], [r[2] for r in ready] if self.uses_music else None) if ready else []
+            encoded = self._encode([c[0] for _, c in to_encode], [c[1] for _, c in to_encode])
+            for (k, _), m in zip(to_encode, encoded):
+                ready[k][2] = m
+        texts = []
+        if ready:
+            texts = self._generate([r[1] for r in ready], [r[2] for r in ready] if self.uses_music else None)
         done = {i: t for (i, _, _), t in zip(ready, texts)}
         for i, _, _ in batch:
             yield songs[i], done.get(i), errors.get(i)
         bar.update(len(batch))
     bar.close()
 
-def _caption_batch(self: Captioner, songs, batch_size: int = 8, num_workers: int = 0, progress: bool = False) -> list[str]:
+def _caption_batch(self: Captioner, songs, batch_size: int = 8, num_workers: int = 0, progress: bool = False):
     "Captions of `songs`: dicts (id, lyrics, audio or h_m) or (audio, lyrics) pairs; raises on the first failure."
     songs = [s if isinstance(s, dict) else dict(audio=s[0], lyrics=s[1]) for s in songs]
     out = []
@@ -282,7 +312,7 @@ def read_features(path) -> np.ndarray:
 
 # %% ../nbs/03a_caption.ipynb #ca000025
 def read_song_table(path) -> list[dict]:
-    "Songs of a CSV: id, audio (or audio_path), lyrics and/or lyrics_path, optional features; paths relative to the CSV."
+    "Songs of a CSV: id, audio (or audio_path), lyrics and/or lyrics_path, optional features; paths from its folder."
     p = Path(path)
     if not p.is_file(): raise CaptionError(f'--batch {p}: no such file')
     try:
@@ -292,12 +322,15 @@ def read_song_table(path) -> list[dict]:
     except (UnicodeDecodeError, csv.Error) as e: raise CaptionError(f'--batch {p}: not a readable CSV ({e})') from None
     audio_col = next((c for c in ('audio', 'audio_path') if c in cols), None)
     if 'id' not in cols or not {'lyrics', 'lyrics_path'} & set(cols):
-        raise CaptionError(f'--batch {p}: needs the columns id, audio (or audio_path), lyrics or lyrics_path; it has {cols}')
+        raise CaptionError(f'--batch {p}: needs the columns id, audio (or audio_path), lyrics or lyrics_path; '
+                           f'it has {cols}')
     songs, seen = [], {}
     for n, r in enumerate(rows, 2):  # line numbers as an editor shows them (the header is line 1)
         r = {(k or '').strip(): (v or '').strip() for k, v in r.items() if k is not None}
-        if not r['id']: raise CaptionError(f'--batch {p} line {n}: empty id')
-        if r['id'] in seen: raise CaptionError(f"--batch {p} line {n}: id {r['id']!r} again (first on line {seen[r['id']]})")
+        if not r['id']:
+            raise CaptionError(f'--batch {p} line {n}: empty id')
+        if r['id'] in seen:
+            raise CaptionError(f"--batch {p} line {n}: id {r['id']!r} again (first on line {seen[r['id']]})")
         seen[r['id']] = n
         path_of = lambda k: str(p.parent/r[k]) if r.get(k) else None
         songs.append(dict(id=r['id'], audio=path_of(audio_col) if audio_col else None, lyrics=r.get('lyrics') or None,
@@ -317,9 +350,12 @@ def finished_ids(out, stamp: dict) -> set[str]:
     done = set()
     for n, line in enumerate(raw.decode('utf-8', errors='replace').splitlines(), 1):
         if not line.strip(): continue
-        try: r = json.loads(line)
-        except ValueError: raise CaptionError(f'--out {out} line {n}: not JSON (not a captions file of alcap-caption?)') from None
-        if not isinstance(r, dict) or 'id' not in r: raise CaptionError(f'--out {out} line {n}: no id (not a captions file of alcap-caption?)')
+        try:
+            r = json.loads(line)
+        except ValueError:
+            raise CaptionError(f'--out {out} line {n}: not JSON (not a captions file of alcap-caption?)') from None
+        if not isinstance(r, dict) or 'id' not in r:
+            raise CaptionError(f'--out {out} line {n}: no id (not a captions file of alcap-caption?)')
         if {k: r.get(k) for k in stamp} != stamp:
             raise CaptionError(f"--out {out}: holds captions of another model or other generation settings "
                                f"({r.get('model')}, {r.get('generation')}); pass another --out")
@@ -333,12 +369,18 @@ def generation_overrides(a) -> dict:
     known, g = GenerationConfig().to_dict(), dict(num_beams=a.num_beams, max_new_tokens=a.max_new_tokens)
     for kv in a.generate:
         k, eq, v = kv.partition('=')
-        if not eq or k not in known: raise CaptionError(f'--generate {kv}: not KEY=VALUE with a generation setting as KEY')
-        try: g[k] = json.loads(v)  # numbers, true/false, null
-        except ValueError: g[k] = v
+        if not eq or k not in known:
+            raise CaptionError(f'--generate {kv}: not KEY=VALUE with a generation setting as KEY')
+        try:
+            g[k] = json.loads(v)  # numbers, true/false, null
+        except ValueError:
+            g[k] = v
     return {k: v for k, v in g.items() if v is not None}
 
-def _say(msg): from tqdm.auto import tqdm; tqdm.write(f'alcap-caption: {msg}', file=sys.stderr)  # not through a progress bar
+def _say(msg):
+    "One line on standard error, above any progress bar."
+    from tqdm.auto import tqdm
+    tqdm.write(f'alcap-caption: {msg}', file=sys.stderr)
 
 def _single(a) -> int:
     "One song: print its interpretation."
@@ -349,8 +391,10 @@ def _single(a) -> int:
     h_m = read_features(a.features) if a.features else None
     cap = Captioner.from_pretrained(a.model, a.device, a.music_checkpoint, **a.generation)
     if cap.uses_music and a.audio is None and h_m is None:
-        raise CaptionError(f'--audio is required: {cap.name} is a {cap.model.config.method!r} model, it listens to the music')
-    if not cap.uses_music and (a.audio or a.features): _say(f'note: {cap.name} is lyrics-only (BART): the music is not used')
+        raise CaptionError(f'--audio is required: {cap.name} is a {cap.model.config.method!r} model, '
+                           'it listens to the music')
+    if not cap.uses_music and (a.audio or a.features):
+        _say(f'note: {cap.name} is lyrics-only (BART): the music is not used')
     print(cap.caption(a.audio if h_m is None else None, lyrics, h_m))
     return 0
 
@@ -358,7 +402,8 @@ def _single(a) -> int:
 def _batch(a) -> int:
     "Many songs from a CSV: append each caption to --out as it is made; skip those already there."
     if not a.out: raise CaptionError('--batch needs --out FILE.jsonl (captions are appended to it)')
-    if a.audio or a.lyrics or a.features: raise CaptionError('--audio, --lyrics and --features are for one song; with --batch the CSV names them')
+    if a.audio or a.lyrics or a.features:
+        raise CaptionError('--audio, --lyrics and --features are for one song; with --batch the CSV names them')
     songs = read_song_table(a.batch)
     cap = Captioner.from_pretrained(a.model, a.device, a.music_checkpoint, **a.generation)
     if cap.uses_music and all(s['audio'] is None and s['features'] is None for s in songs):
@@ -371,44 +416,60 @@ def _batch(a) -> int:
             if not s['lyrics'] and s['lyrics_path']: s['lyrics'] = read_lyrics(s['lyrics_path'])
             if s['features'] and cap.uses_music: s['h_m'] = read_features(s['features'])
             todo.append(s)
-        except CaptionError as e: _say(f"song {s['id']}: {e}"); failed += 1
+        except CaptionError as e:
+            _say(f"song {s['id']}: {e}")
+            failed += 1
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     n = 0
     with open(a.out, 'a', encoding='utf-8') as f:
         for s, text, err in cap.iter_captions(todo, a.batch_size, a.workers, progress=not a.quiet):
-            if err is not None: _say(f"song {s['id']}: {err}"); failed += 1; continue
+            if err is not None:
+                _say(f"song {s['id']}: {err}")
+                failed += 1
+                continue
             f.write(json.dumps(dict(id=s['id'], caption=text, **stamp), ensure_ascii=False) + '\n')
-            f.flush(); n += 1  # each caption is on disk before the next song starts
+            f.flush()  # each caption is on disk before the next song starts
+            n += 1
     print(f'{n} captioned, {len(done)} already done, {failed} failed -> {a.out}', file=sys.stderr)
     return 1 if failed else 0
 
 # %% ../nbs/03a_caption.ipynb #ca00002b
 def caption_cli(argv=None) -> int:
     "Command line: caption one song (prints it) or a CSV of songs (appends JSON lines)."
-    p = argparse.ArgumentParser(prog='alcap-caption', description='Write the interpretation of songs with a trained ALCAP / BART-fusion / BART model.')
+    p = argparse.ArgumentParser(prog='alcap-caption',
+                                description='Write the interpretation of songs with a trained captioner.')
     p.add_argument('--model', required=True, help='a finished run folder, or its model/ folder')
-    p.add_argument('--audio', help='one song: any file soundfile reads (wav, flac, ogg, mp3), any length; not needed by lyrics-only models')
-    p.add_argument('--lyrics', help="one song: a UTF-8 text file with the lyrics, or - to read them from standard input")
+    p.add_argument('--audio', help='one song: any file soundfile reads (wav, flac, ogg, mp3), any length')
+    p.add_argument('--lyrics', help='one song: a UTF-8 text file with the lyrics, or - for standard input')
     p.add_argument('--features', help='one song: precomputed h_m (.npy, or .npz with key a) instead of audio')
-    p.add_argument('--batch', help='a CSV of songs: id, audio (or audio_path), lyrics or lyrics_path [, features]; paths relative to it')
-    p.add_argument('--out', help='with --batch: the JSON-lines file captions are appended to; songs already in it are skipped')
-    p.add_argument('--music-checkpoint', help="CNNSA models: the authors' model_cnnsa.pth, if not where training found it")
-    p.add_argument('--num-beams', type=int, help="default: the run's setting"); p.add_argument('--max-new-tokens', type=int, help="default: the run's setting")
-    p.add_argument('--generate', nargs='+', default=[], metavar='KEY=VALUE', help='other generation settings, e.g. no_repeat_ngram_size=3')
-    p.add_argument('--batch-size', type=int, default=8); p.add_argument('--workers', type=int, default=0, help='processes decoding audio')
+    p.add_argument('--batch', help='a CSV of songs: id, audio (or audio_path), lyrics or lyrics_path [, features]')
+    p.add_argument('--out', help='with --batch: the JSON-lines file captions are appended to; songs in it are skipped')
+    p.add_argument('--music-checkpoint', help="CNNSA models: the authors' model_cnnsa.pth, if it has moved")
+    p.add_argument('--num-beams', type=int, help="default: the run's setting")
+    p.add_argument('--max-new-tokens', type=int, help="default: the run's setting")
+    p.add_argument('--generate', nargs='+', default=[], metavar='KEY=VALUE',
+                   help='other generation settings, e.g. no_repeat_ngram_size=3')
+    p.add_argument('--batch-size', type=int, default=8)
+    p.add_argument('--workers', type=int, default=0, help='processes decoding audio')
     p.add_argument('--device', help='cuda, cpu, ... (default: the GPU when there is one)')
-    p.add_argument('--quiet', action='store_true', help='no progress bar'); p.add_argument('--debug', action='store_true', help='tracebacks on errors')
+    p.add_argument('--quiet', action='store_true', help='no progress bar')
+    p.add_argument('--debug', action='store_true', help='tracebacks on errors')
     a = p.parse_args(argv)
-    try: a.generation = generation_overrides(a)
-    except CaptionError as e: p.error(str(e))
     for k in ('num_beams', 'max_new_tokens', 'batch_size'):
-        if getattr(a, k) is not None and getattr(a, k) < 1: p.error(f"--{k.replace('_', '-')} must be a positive integer")
+        if getattr(a, k) is not None and getattr(a, k) < 1:
+            p.error(f"--{k.replace('_', '-')} must be a positive integer")
+    try:
+        a.generation = generation_overrides(a)
+    except CaptionError as e:
+        p.error(str(e))
     with warnings.catch_warnings():
         warnings.simplefilter('always', LyricsTruncated)
         warnings.showwarning = lambda msg, *_, **__: _say(f'warning: {msg}')
-        try: return _batch(a) if a.batch else _single(a)
+        try:
+            return _batch(a) if a.batch else _single(a)
         except KeyboardInterrupt:
-            _say('interrupted' + (f'; captions so far are in {a.out}: run the same command to go on' if a.batch else ''))
+            _say(f'interrupted; the captions so far are in {a.out}: run the same command to go on' if a.batch
+                 else 'interrupted')
             return 130
         except Exception as e:
             if a.debug: traceback.print_exc()

@@ -20,7 +20,7 @@ GEN = ['--generate', 'min_new_tokens=3']  # a barely trained model would otherwi
 
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
-    "Finished tiny runs (alcap and bart) on 10 demo songs; music: random-init musicnn, 3 s from the middle, zero-padded."
+    "Finished tiny runs (alcap, bart) on 10 demo songs; music: random-init musicnn, 3 s from the middle, zero-padded."
     d = tmp_path_factory.mktemp('caption')
     songs = make_demo(d/'songs', n=10, seed=2, workers=1)
     enc = get_encoder('musicnn-msd', pretrained=False, seconds=3.0)
@@ -93,7 +93,8 @@ def test_models_saved_before_the_settings_were_recorded_are_read_through_their_r
 
 def test_cli_single_song_prints_the_caption(runs, tmp_path):
     s = runs['songs'][0]
-    rc, out, err = cli('--model', runs['alcap'], '--audio', s.audio_path, '--lyrics', write_lyrics(tmp_path/'l.txt', s.lyrics), *GEN)
+    lyr = write_lyrics(tmp_path/'l.txt', s.lyrics)
+    rc, out, err = cli('--model', runs['alcap'], '--audio', s.audio_path, '--lyrics', lyr, *GEN)
     assert rc == 0 and 'Traceback' not in err
     expected = Captioner.from_pretrained(runs['alcap'], min_new_tokens=3).caption(s.audio_path, s.lyrics)
     assert out.strip() == expected and expected
@@ -103,7 +104,8 @@ def test_cli_single_song_prints_the_caption(runs, tmp_path):
 
 def test_cli_reads_lyrics_from_stdin(runs, tmp_path):
     s = runs['songs'][1]
-    from_file = cli('--model', runs['alcap'], '--audio', s.audio_path, '--lyrics', write_lyrics(tmp_path/'l.txt', s.lyrics), *GEN)
+    lyr = write_lyrics(tmp_path/'l.txt', s.lyrics)
+    from_file = cli('--model', runs['alcap'], '--audio', s.audio_path, '--lyrics', lyr, *GEN)
     from_stdin = cli('--model', runs['alcap'], '--audio', s.audio_path, '--lyrics', '-', *GEN, stdin=s.lyrics + '\n')
     assert from_stdin[0] == 0 and from_stdin[1] == from_file[1] and from_stdin[1].strip()
 
@@ -155,8 +157,9 @@ def test_real_mp3s(runs, tmp_path):
     rows = [dict(id=p.stem, audio=str(p), lyrics='I hear the city lights at night') for p in MP3S]
     with open(tmp_path/'songs.csv', 'w', newline='') as f:
         w = csv.DictWriter(f, ['id', 'audio', 'lyrics']); w.writeheader(); w.writerows(rows)
-    rc, _, err = cli('--model', runs['alcap'], '--batch', tmp_path/'songs.csv', '--out', tmp_path/'c.jsonl', '--quiet', *GEN)
+    rc, _, err = cli('--model', runs['alcap'], '--batch', tmp_path/'songs.csv', '--out', tmp_path/'c.jsonl', *GEN)
     assert rc == 0, err
+    assert 'captioning: 100%' in err and '2/2' in err  # the progress bar
     assert [json.loads(l)['id'] for l in (tmp_path/'c.jsonl').read_text().splitlines()] == [p.stem for p in MP3S]
 
 
@@ -183,7 +186,8 @@ def test_batch_appends_and_a_restart_skips_finished_songs(runs, tmp_path):
     run = lambda: cli('--model', runs['alcap'], '--batch', table, '--out', out, '--batch-size', 2, '--quiet', *GEN)
     rc, _, err = run()
     first = [json.loads(l) for l in out.read_text().splitlines()]
-    assert rc == 0 and [r['id'] for r in first] == [s.id for s in runs['songs'][:5]] and all(r['caption'] for r in first)
+    assert rc == 0 and [r['id'] for r in first] == [s.id for s in runs['songs'][:5]]
+    assert all(r['caption'] for r in first)
     cap = Captioner.from_pretrained(runs['alcap'], min_new_tokens=3)
     s = runs['songs'][3]
     assert first[3]['caption'] == cap.caption(s.audio_path, s.lyrics)  # a batch captions as one song does
@@ -220,7 +224,8 @@ def test_model_on_imported_features_says_so_and_takes_h_m(runs, tmp_path):
     shutil.copytree(runs['alcap']/'model', tmp_path/'model')
     cfg_path = tmp_path/'model'/'config.json'
     cfg = json.loads(cfg_path.read_text())
-    cfg.update(music_encoder='cnnsa', music_preprocessing=dict(pretrained=True, checkpoint=None, seconds=15.0, l_m=23, d_m=753))
+    imported = dict(pretrained=True, checkpoint=None, seconds=15.0, l_m=23, d_m=753)  # no CNNSA weights recorded
+    cfg.update(music_encoder='cnnsa', music_preprocessing=imported)
     cfg_path.write_text(json.dumps(cfg))
     s = runs['songs'][0]
     lyr = write_lyrics(tmp_path/'l.txt', s.lyrics)
@@ -238,17 +243,19 @@ def test_cnnsa_checkpoint_not_at_hand_is_named(runs, tmp_path):
     shutil.copytree(runs['alcap']/'model', tmp_path/'model')
     cfg_path = tmp_path/'model'/'config.json'
     cfg = json.loads(cfg_path.read_text())
-    cfg.update(music_encoder='cnnsa', music_preprocessing=dict(pretrained=True, checkpoint='/gone/model_cnnsa.pth', seconds=15.0))
+    gone = dict(pretrained=True, checkpoint='/gone/model_cnnsa.pth', seconds=15.0)
+    cfg.update(music_encoder='cnnsa', music_preprocessing=gone)
     cfg_path.write_text(json.dumps(cfg))
     s = runs['songs'][0]
-    rc, _, err = cli('--model', tmp_path/'model', '--audio', s.audio_path, '--lyrics', write_lyrics(tmp_path/'l.txt', 'la'))
+    lyr = write_lyrics(tmp_path/'l.txt', 'la')
+    rc, _, err = cli('--model', tmp_path/'model', '--audio', s.audio_path, '--lyrics', lyr)
     one_clear_line(rc, err, '/gone/model_cnnsa.pth', '--music-checkpoint')
 
 
 # --- bad input: one clear line, non-zero exit, no traceback ---------------------------------------
 
 def test_bad_inputs_get_one_clear_line(runs, tmp_path):
-    s, m = runs['songs'][0], runs['alcap']
+    s, m, t = runs['songs'][0], runs['alcap'], tmp_path
     lyr = write_lyrics(tmp_path/'l.txt', s.lyrics)
     (tmp_path/'garbage.mp3').write_bytes(b'\x00\x01not audio' * 50)
     write_lyrics(tmp_path/'empty.txt', '  \n\n')
@@ -256,16 +263,16 @@ def test_bad_inputs_get_one_clear_line(runs, tmp_path):
     (tmp_path/'cols.csv').write_text('name,file\nx,y.mp3\n')
     (tmp_path/'dup.csv').write_text(f'id,audio,lyrics\na,{s.audio_path},la\na,{s.audio_path},la\n')
     cases = [
-        (('--model', tmp_path/'nowhere', '--audio', s.audio_path, '--lyrics', lyr), [tmp_path/'nowhere', 'no such folder']),
+        (('--model', t/'nowhere', '--audio', s.audio_path, '--lyrics', lyr), [t/'nowhere', 'no such folder']),
         (('--model', tmp_path/'unfinished', '--audio', s.audio_path, '--lyrics', lyr), ['unfinished', 'not finished']),
-        (('--model', m, '--audio', tmp_path/'missing.mp3', '--lyrics', lyr), [tmp_path/'missing.mp3', 'no such audio file']),
+        (('--model', m, '--audio', t/'missing.mp3', '--lyrics', lyr), [t/'missing.mp3', 'no such audio file']),
         (('--model', m, '--audio', tmp_path/'garbage.mp3', '--lyrics', lyr), [tmp_path/'garbage.mp3', 'cannot decode']),
         (('--model', m, '--audio', s.audio_path, '--lyrics', tmp_path/'empty.txt'), [tmp_path/'empty.txt', 'empty']),
         (('--model', m, '--audio', s.audio_path, '--lyrics', tmp_path/'nolyrics.txt'), [tmp_path/'nolyrics.txt']),
         (('--model', m, '--lyrics', lyr), ['--audio is required']),
         (('--model', m, '--batch', tmp_path/'cols.csv', '--out', tmp_path/'o.jsonl'), [tmp_path/'cols.csv', 'id']),
-        (('--model', m, '--batch', tmp_path/'dup.csv', '--out', tmp_path/'o.jsonl'), [tmp_path/'dup.csv', "'a'", 'line 3']),
-        (('--model', m, '--batch', tmp_path/'none.csv', '--out', tmp_path/'o.jsonl'), [tmp_path/'none.csv', 'no such file']),
+        (('--model', m, '--batch', t/'dup.csv', '--out', t/'o.jsonl'), [t/'dup.csv', "'a'", 'line 3']),
+        (('--model', m, '--batch', t/'none.csv', '--out', t/'o.jsonl'), [t/'none.csv', 'no such file']),
         (('--model', m, '--batch', tmp_path/'dup.csv'), ['--out']),
     ]
     for argv, names in cases:
@@ -281,7 +288,8 @@ def test_console_process_exits_non_zero_without_traceback(tmp_path):
     code = 'import sys; from alcap.caption import caption_cli; sys.exit(caption_cli())'
     r = subprocess.run([sys.executable, '-c', code, '--model', str(tmp_path/'nowhere'), '--lyrics', '-'], input='la',
                        capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 2 and r.stderr.strip() == f'alcap-caption: --model {tmp_path/"nowhere"}: no such folder', r.stderr
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip() == f'alcap-caption: --model {tmp_path/"nowhere"}: no such folder'  # one line, no traceback
 
 
 @pytest.mark.gpu
