@@ -203,7 +203,7 @@ def test_batch_appends_and_a_restart_skips_finished_songs(runs, tmp_path):
 def test_batch_reports_a_bad_song_and_goes_on(runs, tmp_path):
     bad = runs['songs'][1].id
     table, out = song_table(runs, tmp_path/'in'/'songs.csv', n=4, broken=bad), tmp_path/'captions.jsonl'
-    rc, _, err = cli('--model', runs['alcap'], '--batch', table, '--out', out, '--quiet', *GEN)
+    rc, _, err = cli('--model', runs['alcap'], '--batch', table, '--out', out, '--quiet', '--workers', 1, *GEN)
     assert rc == 1 and f'song {bad}:' in err and 'broken.mp3' in err and '3 captioned, 0 already done, 1 failed' in err
     assert bad not in [json.loads(l)['id'] for l in out.read_text().splitlines()]
     assert 'Traceback' not in err
