@@ -50,6 +50,10 @@ class AlcapConfig(BartConfig):
     contrast_proj_dim: int | None = 256                # None: text projected to d_music, music raw (original)
     contrast_duplicates: str = "drop"                  # or 'mask'
     text_init: str = "random"                          # or 'pretrained:<name or folder>'
+    # what inference needs to prepare a new song exactly as training did (written by the trainer; None: not recorded)
+    max_source_len: int | None = None                  # lyrics tokens the model was trained on; longer lyrics are cut
+    music_encoder: str | None = None                   # the encoder whose h_m the model was trained on, e.g. 'musicnn-msd'
+    music_preprocessing: dict | None = None            # how h_m was made: the feature cache's settings (weights, excerpt)
 
     @property
     def use_music(self): return self.method != 'bart'

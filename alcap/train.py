@@ -22,7 +22,8 @@ __all__ = ['DATASETS', 'METHODS', 'PRESETS', 'GENERATION_PARAMS', 'STEP_FIELDS',
            'build_model', 'build_optimizer', 'save_torch', 'save_checkpoint', 'load_checkpoint', 'generation_kwargs',
            'generation_settings', 'generate_captions', 'CsvLog', 'validation_losses', 'demo_scores',
            'generation_scores', 'hardware', 'run_tokenizer', 'write_captions', 'data_manifest', 'same_data',
-           'default_num_workers', 'train_loader', 'train_step', 'StepWindow', 'train', 'finish_run', 'train_cli']
+           'default_num_workers', 'train_loader', 'train_step', 'StepWindow', 'train', 'finish_run',
+           'inference_settings', 'train_cli']
 
 # %% ../nbs/03_train.ipynb #51513b9e
 DATASETS = ('demo', 'si-full', 'si-votes-ge0', 'si-votes-gt0', 'ncm', 'jsonl')
@@ -577,6 +578,7 @@ def finish_run(c: TrainConfig, model, tokenizer, collate, data, split, out: Path
         preds = generate_captions(model, data[name], tokenizer, collate, c, device)
         write_captions(out/f'captions_{name}.csv', split[name], preds)
         res.update({f'{name}_{k}': v for k, v in demo_scores(preds, split[name]).items()})
+    for k, v in inference_settings(c).items(): setattr(model.config, k, v)  # so that new songs are prepared as these were
     tmp = out/'.model.tmp'
     model.generation_config.update(**generation_kwargs(c, model))  # the saved captioner generates as this run did
     model.save_pretrained(tmp); tokenizer.save_pretrained(tmp)
@@ -585,6 +587,15 @@ def finish_run(c: TrainConfig, model, tokenizer, collate, data, split, out: Path
     os.replace(tmp, out/'model')
     atomic_write(out/'summary.json', json.dumps(res, indent=1))
     return res
+
+# %% ../nbs/03_train.ipynb #5c1a7e21
+def inference_settings(c: TrainConfig) -> dict:
+    "The AlcapConfig fields that tell a captioner how this run's songs were prepared: lyrics limit, music encoder, excerpt."
+    s = dict(max_source_len=c.max_source_len, music_encoder=None, music_preprocessing=None)
+    if c.method == 'bart': return s
+    man = json.loads((Path(c.features_dir)/'manifest.json').read_text())
+    s.update(music_encoder=man['encoder'], music_preprocessing=dict(man['config'], l_m=man['l_m'], d_m=man['d_m']))
+    return s
 
 # %% ../nbs/03_train.ipynb #8c77fb38
 def _parse_value(s: str, typ):
