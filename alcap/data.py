@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_data.ipynb #8563d9a5
 from __future__ import annotations
-import argparse, csv, io, json, math, os, pickle, sys, tempfile, time, warnings
+import argparse, csv, functools, io, json, math, os, pickle, sys, tempfile, time, warnings
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -15,14 +15,15 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['SI_VARIANTS', 'SI_TEST_SIZE', 'DEMO_SR', 'DEMO_SECONDS', 'DEMO_GENERATOR_VERSION', 'DEMO_INSTRUMENTS', 'DEMO_TEMPI',
-           'DEMO_THEMES', 'DEMO_SAD_THEMES', 'DEMO_MOODS', 'DEMO_ATTRIBUTE_WORDS', 'BART_SPECIAL_TOKENS', 'Song',
-           'atomic_write', 'write_songs', 'load_songs', 'LyricsCommentData', 'SIUnpickler', 'load_si_pickle',
-           'load_si_json', 'load_si_csvs', 'check_si_sizes', 'reference_split', 'assign_reference_split', 'load_table',
-           'load_ncm_csv', 'sample_demo_attributes', 'sample_performance', 'record', 'synth_audio', 'make_lyrics',
-           'make_caption', 'demo_song', 'demo_splits', 'make_demo', 'predictability', 'text_predictability',
-           'dependence_report', 'demo_attribute_hits', 'demo_data_cli', 'train_bpe_tokenizer', 'hub_reachable',
-           'get_tokenizer', 'bucket_length', 'SongDataset', 'Collator', 'LengthGroupedBatchSampler']
+__all__ = ['USER_ERRORS', 'SI_VARIANTS', 'SI_TEST_SIZE', 'DEMO_SR', 'DEMO_SECONDS', 'DEMO_GENERATOR_VERSION', 'DEMO_INSTRUMENTS',
+           'DEMO_TEMPI', 'DEMO_THEMES', 'DEMO_SAD_THEMES', 'DEMO_MOODS', 'DEMO_ATTRIBUTE_WORDS', 'BART_SPECIAL_TOKENS',
+           'Song', 'atomic_write', 'user_errors', 'write_songs', 'load_songs', 'LyricsCommentData', 'SIUnpickler',
+           'load_si_pickle', 'load_si_json', 'load_si_csvs', 'check_si_sizes', 'reference_split',
+           'assign_reference_split', 'load_table', 'load_ncm_csv', 'sample_demo_attributes', 'sample_performance',
+           'record', 'synth_audio', 'make_lyrics', 'make_caption', 'demo_song', 'demo_splits', 'make_demo',
+           'predictability', 'text_predictability', 'dependence_report', 'demo_attribute_hits', 'demo_data_cli',
+           'train_bpe_tokenizer', 'hub_reachable', 'get_tokenizer', 'bucket_length', 'SongDataset', 'Collator',
+           'LengthGroupedBatchSampler']
 
 # %% ../nbs/00_data.ipynb #c2e3f92b
 @dataclass
@@ -53,6 +54,27 @@ def atomic_write(path, data: bytes|str) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+# %% ../nbs/00_data.ipynb #18ee55ed
+USER_ERRORS = (ValueError, OSError, KeyError, ImportError)
+
+def user_errors(prog: str):
+    "Decorate a command's `main(argv)`: user-input errors become `prog: message` on stderr and exit status 2."
+    def wrap(main):
+        @functools.wraps(main)
+        def run(argv: list[str]|None = None):
+            argv = list(sys.argv[1:] if argv is None else argv)
+            debug = '--debug' in argv
+            argv = [a for a in argv if a != '--debug']
+            try: return main(argv)
+            except USER_ERRORS as e:
+                if debug: raise
+                # KeyError's str() quotes its message; a message of several lines is still reported as one
+                msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+                print(f"{prog}: {' '.join(str(msg).split())}", file=sys.stderr)
+                return 2
+        return run
+    return wrap
 
 # %% ../nbs/00_data.ipynb #92ff0a4f
 _SONG_FIELDS = {f for f in Song.__dataclass_fields__}
@@ -131,7 +153,8 @@ def load_si_pickle(path, lyrics_newline: str|None = ';') -> list[Song]:
 def load_si_json(path, lyrics_newline: str|None = ';') -> list[Song]:
     "Read the JSON mirror of the SI pickles: a JSON list of records, or JSON lines."
     text = Path(path).read_text(encoding='utf-8')
-    try: records = json.loads(text) if text.lstrip().startswith('[') else [json.loads(l) for l in text.splitlines() if l.strip()]
+    # JSON lines end at '\n' only: splitlines() would also cut at U+2028, \x1c, \x85... which JSON strings may hold raw
+    try: records = json.loads(text) if text.lstrip().startswith('[') else [json.loads(l) for l in text.split('\n') if l.strip()]
     except json.JSONDecodeError as e: raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
     return [_si_song(r, f"{path}[{i}]", lyrics_newline) for i, r in enumerate(records)]
 
@@ -195,7 +218,7 @@ def _rows(path) -> list[dict]:
     if path.suffix == '.csv':
         with open(path, encoding='utf-8', newline='') as f: return list(csv.DictReader(f))
     text = path.read_text(encoding='utf-8')
-    try: return json.loads(text) if path.suffix == '.json' else [json.loads(l) for l in text.splitlines() if l.strip()]
+    try: return json.loads(text) if path.suffix == '.json' else [json.loads(l) for l in text.split('\n') if l.strip()]  # not splitlines: see load_si_json
     except json.JSONDecodeError as e: raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
 
 def load_table(path, id_col: str|None = 'id', lyrics_col='lyrics', caption_col='caption', audio_col: str|None = 'audio_path',
@@ -500,16 +523,18 @@ def demo_splits(n: int, seed: int = 0, fracs=(0.8, 0.1, 0.1)) -> list[str]:
     split[perm[:n_train]], split[perm[n_train:n_train + n_val]], split[perm[n_train + n_val:]] = 'train', 'val', 'test'
     return list(split)
 
-def make_demo(out, n: int = 800, seed: int = 0, workers: int|None = None) -> list[Song]:
-    "Generate the demo dataset into folder `out` (audio, `metadata.jsonl`, `dataset.json`)."
+def make_demo(out, n: int = 800, seed: int = 0, workers: int|None = None, progress: bool = False) -> list[Song]:
+    "Generate the demo dataset into folder `out` (audio, `metadata.jsonl`, `dataset.json`); `progress`: a progress bar."
+    from tqdm import tqdm
     out = Path(out)
     workers = workers or min(os.cpu_count() or 1, 8)
     jobs = [(i, seed, str(out)) for i in range(n)]
-    if workers == 1: songs = [_write_demo_song(j) for j in jobs]
+    bar = lambda it: tqdm(it, total=n, desc='demo songs', unit='song', disable=not progress, file=sys.stderr, mininterval=1)
+    if workers == 1: songs = [_write_demo_song(j) for j in bar(jobs)]
     else:
         # the worker is looked up in the installed module, so this also works when called from a notebook
         from alcap import data as _self
-        with ProcessPoolExecutor(workers) as ex: songs = list(ex.map(_self._write_demo_song, jobs, chunksize=8))
+        with ProcessPoolExecutor(workers) as ex: songs = list(bar(ex.map(_self._write_demo_song, jobs, chunksize=8)))
     for s, sp in zip(songs, demo_splits(n, seed)): s.split = sp
     write_songs(songs, out/'metadata.jsonl')
     manifest = dict(name='alcap-demo', generator_version=DEMO_GENERATOR_VERSION, n=n, seed=seed, sample_rate=DEMO_SR, seconds=DEMO_SECONDS,
@@ -558,6 +583,7 @@ def demo_attribute_hits(caption: str, meta: dict) -> dict[str, bool]:
     return {attr: any(w in words for w in table[meta[attr]]) for attr, table in DEMO_ATTRIBUTE_WORDS.items()}
 
 # %% ../nbs/00_data.ipynb #fea750be
+@user_errors('alcap-demo-data')
 def demo_data_cli(argv: list[str]|None = None):
     "Command line: generate the built-in demo dataset."
     p = argparse.ArgumentParser(prog='alcap-demo-data', description='Generate the built-in ALCAP demo dataset.')
@@ -565,10 +591,17 @@ def demo_data_cli(argv: list[str]|None = None):
     p.add_argument('--n', type=int, default=800, help='number of songs')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--workers', type=int, default=None, help='worker processes (default: CPU count)')
+    p.add_argument('--overwrite', action='store_true', help='replace a demo made with other settings in --out')
     args = p.parse_args(argv)
     if args.n < 1: p.error('--n must be positive')
+    held = Path(args.out)/'dataset.json'
+    if held.exists() and not args.overwrite:
+        m = json.loads(held.read_text())
+        have = {k: m.get(k) for k in ('n', 'seed', 'generator_version')}
+        if have != dict(n=args.n, seed=args.seed, generator_version=DEMO_GENERATOR_VERSION):
+            raise ValueError(f"{args.out} holds a demo made with {have}: pass --overwrite to replace it, or another --out")
     t0 = time.time()
-    songs = make_demo(args.out, args.n, args.seed, args.workers)
+    songs = make_demo(args.out, args.n, args.seed, args.workers, progress=True)
     print(f"wrote {len(songs)} songs to {args.out} in {time.time() - t0:.1f} s: "
           + ', '.join(f'{k} {v}' for k, v in sorted(Counter(s.split for s in songs).items())))
 
@@ -645,7 +678,10 @@ class SongDataset(torch.utils.data.Dataset):
         self.song_idx = [index.setdefault(s.id, len(index)) for s in self.songs]
         if features is not None:
             missing = [s.id for s in self.songs if s.id not in features]
-            if missing: raise KeyError(f"{len(missing)} song(s) have no music features in the cache, e.g. {missing[:3]}")
+            if missing:
+                where = f' {features.path}' if hasattr(features, 'path') else ''
+                raise KeyError(f"{len(missing)} song(s) have no music features in the cache{where}, e.g. {missing[:3]}: "
+                               "extract them with alcap-features (it skips the songs already there)")
 
     def __len__(self): return len(self.songs)
     @property

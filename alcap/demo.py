@@ -8,7 +8,7 @@ import argparse, json, platform, shutil, sys, time
 from collections import Counter
 from pathlib import Path
 
-from .data import DEMO_GENERATOR_VERSION, atomic_write, dependence_report, load_songs, make_demo
+from .data import DEMO_GENERATOR_VERSION, atomic_write, dependence_report, load_songs, make_demo, user_errors
 
 METHOD_ALPHA = {'bart': 0.0, 'bart-fusion': 0.0, 'alcap': 0.02}
 
@@ -18,19 +18,23 @@ __all__ = ['METHOD_ALPHA', 'SCORE_COLUMNS', 'ensure_demo_data', 'provenance', 'd
            'write_demo_results', 'main']
 
 # %% ../nbs/09_demo.ipynb #6660f659
-def ensure_demo_data(folder, n: int = 800, seed: int = 0) -> list:
-    "The demo dataset in `folder`, generated unless it is already there with the same `n`, `seed` and generator version."
+def ensure_demo_data(folder, n: int = 800, seed: int = 0, regenerate: bool = False) -> list:
+    "The demo dataset in `folder`: generated if absent; another demo there is an error unless `regenerate`."
     folder = Path(folder)
     manifest = folder/'dataset.json'
     if manifest.exists():
         m = json.loads(manifest.read_text())
         same_songs = (m.get('seed'), m.get('generator_version')) == (seed, DEMO_GENERATOR_VERSION)
         if same_songs and m.get('n') == n: return load_songs(folder)
+        if not regenerate:
+            have = {k: m.get(k) for k in ('n', 'seed', 'generator_version')}
+            raise ValueError(f'{folder} holds a demo made with {have}, not n={n}, seed={seed}, generator_version={DEMO_GENERATOR_VERSION}: '
+                             'use another folder, or replace it (alcap-demo --regenerate; its features go too)')
         manifest.unlink()  # an interrupted regeneration must not look finished
         if not same_songs and (folder/'features').exists():  # features of other audio under the same song ids
             print(f'{folder}: the demo changed (seed or generator version): removing its stale features', file=sys.stderr)
             shutil.rmtree(folder/'features')
-    return make_demo(folder, n=n, seed=seed)
+    return make_demo(folder, n=n, seed=seed, progress=True)
 
 # %% ../nbs/09_demo.ipynb #f4ac8fad
 def provenance(command: str, seed, **extra) -> str:
@@ -61,9 +65,9 @@ def ensure_features(songs, folder, encoder: str = 'musicnn-msd'):
     folder = Path(folder)
     if (folder/'manifest.json').exists():
         cache = FeatureCache(folder)
-        if all(s.id in cache for s in songs): return cache
-    r = extract_features(songs, get_encoder(encoder), folder, num_workers=2, progress=False)
-    if r['failed']: raise RuntimeError(f"{r['failed']} demo songs failed feature extraction: see {folder}/failures.csv")
+        if all(s.id in cache for s in songs) and not cache.stale(songs): return cache
+    r = extract_features(songs, get_encoder(encoder), folder, num_workers=2, progress=True)
+    if r['failed']: raise ValueError(f"{r['failed']} demo songs failed feature extraction: see {folder}/failures.csv")
     return FeatureCache(folder)
 
 # %% ../nbs/09_demo.ipynb #8115334f
@@ -98,8 +102,11 @@ def train_method(method: str, seed: int, data: Path, runs: Path, **params) -> Pa
     if finished_run(out, data): return out
     out.mkdir(parents=True, exist_ok=True)
     parameters = dict(dataset='demo', data_dir=str(data), method=method, alpha=METHOD_ALPHA[method], seed=seed, output_dir=str(out), **params)
-    pm.execute_notebook(str(repo_root()/'nbs'/'03_train.ipynb'), str(out/'train.ipynb'), parameters=parameters,
-                        cwd=str(repo_root()), progress_bar=False, log_output=False)
+    try:
+        pm.execute_notebook(str(repo_root()/'nbs'/'03_train.ipynb'), str(out/'train.ipynb'), parameters=parameters,
+                            cwd=str(repo_root()), progress_bar=False, log_output=False, stderr_file=sys.stderr)
+    except pm.PapermillExecutionError as e:
+        raise ValueError(f"training {method} (seed {seed}) failed: {e.ename}: {e.evalue} (traceback in {out/'train.ipynb'})") from None
     return out
 
 # %% ../nbs/09_demo.ipynb #64a225af
@@ -169,6 +176,7 @@ def write_demo_results(run_dirs, results: Path, command: str, seeds):
     return att
 
 # %% ../nbs/09_demo.ipynb #c59b0d12
+@user_errors('alcap-demo')
 def main(argv: list[str]|None = None):
     "Command line: run the demo pipeline."
     p = argparse.ArgumentParser(prog='alcap-demo', description='Run the ALCAP pipeline on the built-in demo dataset (CPU).')
@@ -181,6 +189,7 @@ def main(argv: list[str]|None = None):
     p.add_argument('--methods', nargs='+', default=list(METHOD_ALPHA), choices=list(METHOD_ALPHA))
     p.add_argument('--stages', nargs='+', default=['data', 'features', 'train', 'evaluate'], choices=['data', 'features', 'train', 'evaluate'])
     p.add_argument('--param', action='append', default=[], metavar='KEY=VALUE', help='a training parameter for every run (as papermill -p)')
+    p.add_argument('--regenerate', action='store_true', help='replace a demo of another size or seed in --data (deletes its features)')
     args = p.parse_args(argv)
     params = {}
     for kv in args.param:
@@ -189,7 +198,7 @@ def main(argv: list[str]|None = None):
         params[k] = yaml_value(v)
     cmd = ('alcap-demo ' + ' '.join(argv if argv is not None else sys.argv[1:])).strip()
     t0 = time.time()
-    songs = ensure_demo_data(args.data, args.n, args.seed)
+    songs = ensure_demo_data(args.data, args.n, args.seed, regenerate=args.regenerate)
     print(f'[data] {len(songs)} songs in {args.data} ({time.time() - t0:.0f} s)', flush=True)
     atomic_write(Path(args.results)/'dataset.md', dataset_summary(songs, cmd, args.seed))
     if 'features' in args.stages:

@@ -4,11 +4,11 @@
 
 # %% ../nbs/04c_evaluate.ipynb #4c0d103c
 from __future__ import annotations
-import argparse, json, os, shlex, sys
+import argparse, csv, json, os, shlex, sys
 from pathlib import Path
 import numpy as np
 import pandas as pd
-from .data import SI_VARIANTS, atomic_write
+from .data import SI_VARIANTS, atomic_write, user_errors
 from .metrics import compute_metrics, meteor_tokenizer_name
 from .retrieval import DEFAULT_MODEL, retrieval_scores
 
@@ -21,6 +21,19 @@ __all__ = ['CONFIG_KEYS', 'CAPTION_COLUMNS', 'GROUP_KEYS', 'TABLE1', 'TABLE2', '
 CONFIG_KEYS = ("dataset", "method", "alpha", "seed", "text_init", "music_encoder", "hardware", "command")
 CAPTION_COLUMNS = ("id", "lyrics", "reference", "prediction")
 
+def _read_captions(path) -> pd.DataFrame:
+    "A captions CSV as text columns; a row with another number of fields than the header is an error naming it."
+    # pandas fills a short row with "" and shifts a long one into the index, silently: read with csv, check, then frame
+    try:
+        with open(path, encoding="utf-8", newline="") as f: rows = [r for r in csv.reader(f) if r]
+    except (UnicodeDecodeError, csv.Error) as e: raise ValueError(f"{path}: not a readable CSV ({e})") from None
+    if not rows: raise ValueError(f"{path}: empty file (expected the header {','.join(CAPTION_COLUMNS)})")
+    header = rows[0]
+    for i, r in enumerate(rows[1:], 2):  # row 1 is the header
+        if len(r) < len(header): raise ValueError(f"{path}: row {i} has {len(r)} fields, no {header[len(r)]!r} (the header has {len(header)})")
+        if len(r) > len(header): raise ValueError(f"{path}: row {i} has {len(r)} fields, the header {len(header)}")
+    return pd.DataFrame(rows[1:], columns=header, dtype=str)
+
 def read_run(run_dir) -> tuple[dict, pd.DataFrame]:
     "A run folder's `config.json` and `captions_test.csv`, checked; errors name the file and the field."
     run = Path(run_dir)
@@ -31,7 +44,7 @@ def read_run(run_dir) -> tuple[dict, pd.DataFrame]:
     except json.JSONDecodeError as e: raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
     if missing := [k for k in CONFIG_KEYS if k not in cfg]: raise ValueError(f"{cfg_path}: missing keys {missing}")
     cfg["music_encoder"] = cfg["music_encoder"] or "none"  # lyrics-only runs have none
-    caps = pd.read_csv(cap_path, dtype=str, keep_default_na=False)  # an empty caption stays "", not NaN
+    caps = _read_captions(cap_path)
     if missing := [c for c in CAPTION_COLUMNS if c not in caps.columns]: raise ValueError(f"{cap_path}: missing columns {missing}")
     if "n_test" in cfg and int(cfg["n_test"]) != len(caps):
         raise ValueError(f"{cap_path}: {len(caps)} rows but {cfg_path} says the test split has {cfg['n_test']} items")
@@ -191,6 +204,7 @@ def write_tables(results: list[dict], out="results", command: str = "alcap-eval"
     return paths
 
 # %% ../nbs/04c_evaluate.ipynb #5270de94
+@user_errors("alcap-eval")
 def eval_cli(argv=None):
     "`alcap-eval RUN_DIR... [--out results/]`: score runs, write metrics.json per run and Tables 1 and 2."
     p = argparse.ArgumentParser(prog="alcap-eval", description="Score ALCAP run folders and write Tables 1 and 2.")
@@ -204,6 +218,11 @@ def eval_cli(argv=None):
     p.add_argument("--paper-std", help="CSV of the \"±\" the paper prints, keyed by table, dataset, method (results/paper_numbers_std.csv)")
     args = p.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
+    if not args.runs:
+        for t in (Path(args.out)/"table1.csv", Path(args.out)/"table2.csv"):
+            if t.exists() and (pd.read_csv(t, dtype=str)["source"] == "ours").any():
+                raise ValueError(f"no run folders given, and {t} holds scores of runs: not replacing them with an empty table "
+                                 "(pass the run folders, or another --out)")
     paper_rows, results = (read_paper_numbers(args.paper, args.paper_std) if args.paper else ()), []
     for r in args.runs:
         results.append(evaluate_run(r, model=args.model, ks=tuple(args.ks), query_seed=args.query_seed, retrieval=not args.no_retrieval))

@@ -2,7 +2,8 @@
 
 # %% ../nbs/01_music.ipynb #43fcaa5e
 from __future__ import annotations
-import argparse, csv, functools, importlib.util, io, json, math, os, struct, sys, time, warnings
+import argparse, csv, functools, hashlib, importlib.util, io, json, math, os, struct, sys, time, warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,15 +14,15 @@ import torch.nn.functional as F
 import torchaudio
 from torch import nn
 
-from .data import atomic_write
+from .data import atomic_write, user_errors
 
 # %% auto #0
 __all__ = ['SR', 'MUSICNN_MODELS', 'MTT_TAGS', 'MSD_TAGS', 'PATCH_FRAMES', 'ENCODERS', 'AUDIO_EXTS', 'NPZ_SHAPES', 'AudioError',
            'load_npz_audio', 'load_audio', 'excerpt', 'read_tf_checkpoint', 'musicnn_checkpoint', 'MusiCNN',
            'musicnn_state_dict_from_tf', 'cache_dir', 'load_musicnn', 'musicnn_logmel', 'musicnn_patches', 'tag_file',
            'tags_cli', 'MusicnnEncoder', 'Res2d', 'CNNSA', 'load_cnnsa', 'CNNSAEncoder', 'get_encoder', 'FeatureCache',
-           'extract_features', 'features_cli', 'read_npz_embedding', 'import_npz_features', 'npz_import_cli',
-           'benchmark_features']
+           'audio_source', 'source_changed', 'extract_features', 'features_cli', 'read_npz_embedding',
+           'import_npz_features', 'npz_import_cli', 'benchmark_features']
 
 # %% ../nbs/01_music.ipynb #beca17ea
 SR = 16000  # every encoder here runs at 16 kHz
@@ -61,7 +62,9 @@ def load_audio(path, sr: int = SR) -> np.ndarray:
         except Exception as e: raise AudioError(f'{path}: cannot decode audio ({type(e).__name__}: {e})') from e
     if y.size == 0: raise AudioError(f'{path}: file holds no audio samples')
     y = y.mean(axis=1)
-    if not np.isfinite(y).all():
+    finite = np.isfinite(y)
+    if not finite.any(): raise AudioError(f'{path}: no finite sample (all {y.size} are NaN or inf)')
+    if not finite.all():
         warnings.warn(f'{path}: {int((~np.isfinite(y)).sum())} NaN/inf samples replaced by 0')
         y = np.nan_to_num(y, nan=0.0, posinf=0.0, neginf=0.0)
     if np.abs(y).max() > 1: y = np.clip(y, -1.0, 1.0)  # float files may exceed full scale
@@ -301,20 +304,22 @@ def _cached_musicnn(model): return load_musicnn(model)
 
 def tag_file(path, model: str = 'MTT_musicnn') -> dict[str, float]:
     "Tag probabilities of the whole file at `path`, averaged over 3 s patches (musicnn's tagger), most likely first."
-    patches = musicnn_patches(musicnn_logmel(torch.from_numpy(load_audio(path))))
+    y = load_audio(path)
+    y = np.resize(y, max(len(y), (PATCH_FRAMES - 1) * 256))  # tile short clips to one full patch
+    patches = musicnn_patches(musicnn_logmel(torch.from_numpy(y)))
     p = torch.sigmoid(_cached_musicnn(model)(patches)['logits']).mean(0)
     tags = MTT_TAGS if model.startswith('MTT') else MSD_TAGS
     return {tags[i]: float(p[i]) for i in p.argsort(descending=True)}
 
 # %% ../nbs/01_music.ipynb #bdbe118b
+@user_errors('alcap-tags')
 def tags_cli(argv=None):
     "Command line: print the top N musicnn tags of an audio file."
     p = argparse.ArgumentParser(prog='alcap-tags', description='Top-N tags of an audio file with a pretrained musicnn (no TensorFlow).')
     p.add_argument('audio'); p.add_argument('--model', default='MTT_musicnn', choices=MUSICNN_MODELS)
     p.add_argument('--top', type=int, default=10); p.add_argument('--scores', action='store_true', help='print the probability too')
     a = p.parse_args(argv)
-    try: probs = tag_file(a.audio, a.model)
-    except (AudioError, FileNotFoundError) as e: print(f'alcap-tags: {e}', file=sys.stderr); return 1
+    probs = tag_file(a.audio, a.model)
     for tag, pr in list(probs.items())[:a.top]: print(f'{tag}\t{pr:.4f}' if a.scores else tag)
     return 0
 
@@ -438,14 +443,18 @@ class FeatureCache:
         self.manifest = json.loads(mf.read_text())
         self.encoder_name, self.config = self.manifest['encoder'], self.manifest['config']
         self.l_m, self.d_m = self.manifest['l_m'], self.manifest['d_m']
-        self._index, self._lengths, self._shards = {}, {}, {}
+        self._index, self._lengths, self._sources, self._shards = {}, {}, {}, {}
+        vf = self.path / 'verified.json'  # id -> [size, mtime_ns, sha256]: audio re-hashed and found unchanged
+        self._verified = json.loads(vf.read_text()) if vf.exists() else {}
         self.refresh()
 
     def refresh(self):
-        "Re-read the committed shards (after another process appended)."
+        "Re-read the committed shards (after another process appended); a later shard overrides an earlier one."
         for j in sorted((self.path / 'shards').glob('*.json')):
             rec = json.loads(j.read_text())
-            for row, (i, n) in enumerate(zip(rec['ids'], rec['lengths'])): self._index[i], self._lengths[i] = (j.stem, row), n
+            sources = rec.get('sources') or [None] * len(rec['ids'])  # shards of older versions record no source
+            for row, (i, n, src) in enumerate(zip(rec['ids'], rec['lengths'], sources)):
+                self._index[i], self._lengths[i], self._sources[i] = (j.stem, row), n, src
 
     def _shard(self, name):
         if name not in self._shards: self._shards[name] = np.load(self.path / 'shards' / f'{name}.npy', mmap_mode='r')
@@ -463,6 +472,7 @@ FeatureCache.__contains__ = lambda self, song_id: song_id in self._index
 FeatureCache.__len__ = lambda self: len(self._index)
 FeatureCache.ids = lambda self: list(self._index)
 FeatureCache.length = lambda self, song_id: self._lengths[song_id]  # real (unpadded) frames
+FeatureCache.source = lambda self, song_id: self._sources.get(song_id)  # what h_m was computed from (None: not recorded)
 FeatureCache.__repr__ = lambda self: f'FeatureCache({str(self.path)!r}: {len(self)} songs, {self.encoder_name}, h_m {self.l_m} x {self.d_m})'
 
 # %% ../nbs/01_music.ipynb #72e22be4
@@ -481,18 +491,57 @@ def _fc_create(cls, path, encoder_name: str, config: dict, l_m: int, d_m: int) -
     return cls(path)
 
 # %% ../nbs/01_music.ipynb #0f733ac1
-def _fc_append(self: FeatureCache, ids: list, h: np.ndarray, lengths: list):
-    "Commit one shard: `h` (n, l_m, d_m) for `ids`; the json marker is written after the array."
+def _fc_append(self: FeatureCache, ids: list, h: np.ndarray, lengths: list, sources: list|None = None):
+    "Commit one shard: `h` (n, l_m, d_m) for `ids` (with their `audio_source`s); the json marker is written after the array."
     h = np.asarray(h, dtype=np.float16)
     if h.shape != (len(ids), self.l_m, self.d_m): raise ValueError(f'expected {(len(ids), self.l_m, self.d_m)}, got {h.shape}')
+    sources = list(sources) if sources is not None else [None] * len(ids)
+    if len(sources) != len(ids): raise ValueError(f'{len(ids)} ids but {len(sources)} sources')
     d = self.path / 'shards'; d.mkdir(exist_ok=True)
     n = max([int(p.stem) for p in d.glob('*.npy')] + [-1]) + 1
     buf = io.BytesIO(); np.save(buf, h)
     atomic_write(d / f'{n:05d}.npy', buf.getvalue())
-    atomic_write(d / f'{n:05d}.json', json.dumps(dict(ids=list(ids), lengths=[int(x) for x in lengths])))
-    for row, (i, k) in enumerate(zip(ids, lengths)): self._index[i], self._lengths[i] = (f'{n:05d}', row), int(k)
+    atomic_write(d / f'{n:05d}.json', json.dumps(dict(ids=list(ids), lengths=[int(x) for x in lengths], sources=sources)))
+    for row, (i, k, src) in enumerate(zip(ids, lengths, sources)):
+        self._index[i], self._lengths[i], self._sources[i] = (f'{n:05d}', row), int(k), src
 
-FeatureCache.create, FeatureCache.append = classmethod(_fc_create), _fc_append
+def audio_source(path) -> dict:
+    "What a feature is computed from: the audio file's path, size, modification time (ns) and SHA-256."
+    st = os.stat(path)
+    with open(path, 'rb') as f: digest = hashlib.file_digest(f, 'sha256').hexdigest()
+    return dict(path=str(path), size=st.st_size, mtime_ns=st.st_mtime_ns, sha256=digest)
+
+def source_changed(src: dict|None, path) -> str|None:
+    "Why the audio at `path` is not what `src` recorded, or None (unchanged, or nothing to compare)."
+    if src is None or path is None: return None
+    try: st = os.stat(path)
+    except OSError: return None  # features kept without their audio: nothing to compare with
+    if st.st_size != src['size']: return f"{path}: {st.st_size} bytes now, {src['size']} when its features were computed"
+    if st.st_mtime_ns == src['mtime_ns']: return None
+    if audio_source(path)['sha256'] != src['sha256']: return f'{path}: its content changed since its features were computed'
+    return None  # touched or copied, same bytes
+
+def _fc_stale(self: FeatureCache, songs) -> list[tuple[str, str]]:
+    "(id, why) of every cached song whose audio changed since its features were computed."
+    out, seen, confirmed = [], set(), {}
+    for s in songs:
+        sid, path = str(s.id), getattr(s, 'audio_path', None)
+        src = self._sources.get(sid)
+        if sid in seen or src is None or path is None: continue
+        seen.add(sid)
+        try: st = os.stat(path)
+        except OSError: continue
+        if self._verified.get(sid) == [st.st_size, st.st_mtime_ns, src['sha256']]: continue  # hashed before at this time
+        why = source_changed(src, path)
+        if why: out.append((sid, why))
+        elif st.st_mtime_ns != src['mtime_ns']: confirmed[sid] = [st.st_size, st.st_mtime_ns, src['sha256']]
+    if confirmed:
+        self._verified.update(confirmed)
+        try: atomic_write(self.path / 'verified.json', json.dumps(self._verified))
+        except OSError: pass  # a read-only cache: the files are hashed again next time
+    return out
+
+FeatureCache.create, FeatureCache.append, FeatureCache.stale = classmethod(_fc_create), _fc_append, _fc_stale
 
 # %% ../nbs/01_music.ipynb #ffde9a3d
 class _Clips(torch.utils.data.Dataset):
@@ -503,41 +552,60 @@ class _Clips(torch.utils.data.Dataset):
         sid, path = self.items[i]
         try:
             if path is None: raise AudioError(f'song {sid} has no audio_path')
+            src = audio_source(path) if os.path.isfile(path) else None  # before decoding: the record matches what was read
             with warnings.catch_warnings():
                 warnings.simplefilter('ignore')  # repairs are fine in bulk; they are reported by load_audio when used directly
                 clip, n_real = excerpt(load_audio(path), SR, self.seconds, self.policy, self.pad)
-            return sid, path, torch.from_numpy(clip), n_real, ''
-        except Exception as e: return sid, path, None, 0, f'{type(e).__name__}: {e}'
+            return sid, path, torch.from_numpy(clip), n_real, '', src
+        except Exception as e: return sid, path, None, 0, f'{type(e).__name__}: {e}', None
 
 # %% ../nbs/01_music.ipynb #cddf488e
 def _worker_init(_): torch.set_num_threads(1)
 
 # %% ../nbs/01_music.ipynb #b0fa4ff7
+def _unique_audio(songs) -> dict[str, str|None]:
+    "Each song id's audio path (ids repeat in SI: interpretations of one song); one id with two files is an error."
+    paths = {}
+    for s in songs:
+        sid, path = str(s.id), None if s.audio_path is None else str(s.audio_path)
+        if paths.setdefault(sid, path) != path:
+            raise ValueError(f'song id {sid!r} names two audio files, {paths[sid]} and {path}: one id per audio file')
+    return paths
+
 def extract_features(songs, encoder, out, batch_size: int = 16, num_workers: int = 2, device=None, policy: str = 'start',
-                     pad: str = 'repeat', shard_mb: float = 64, progress: bool = True) -> dict:
+                     pad: str = 'repeat', shard_mb: float = 64, progress: bool = True, commit_every_s: float = 60.0) -> dict:
     "Store every song's h_m (fp16) in the FeatureCache at `out`; resumable; returns counts and the failures."
     from tqdm.auto import tqdm
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     cache = FeatureCache.create(out, encoder.name, dict(encoder.config, policy=policy, pad=pad), encoder.l_m, encoder.d_m)
-    todo = [(str(s.id), None if s.audio_path is None else str(s.audio_path)) for s in songs if str(s.id) not in cache]
-    n_skipped = len(songs) - len(todo)
+    paths = _unique_audio(songs)
+    stale = dict(cache.stale(argparse.Namespace(id=i, audio_path=p) for i, p in paths.items()))
+    todo = [(sid, p) for sid, p in paths.items() if sid not in cache or sid in stale]
+    n_skipped = len(paths) - len(todo)
     encoder = encoder.to(device).eval()
     rows_per_shard = max(1, int(shard_mb * 2**20 // (encoder.l_m * encoder.d_m * 2)))
     loader = torch.utils.data.DataLoader(_Clips(todo, encoder.seconds, policy, pad), batch_size=batch_size, num_workers=num_workers,
                                          collate_fn=list, worker_init_fn=_worker_init if num_workers else None)
-    buf, failures = ([], [], []), []
+    buf, failures, last_commit = ([], [], [], []), [], time.monotonic()
+
+    def commit():
+        nonlocal buf, last_commit
+        if buf[0]: cache.append(buf[0], np.stack(buf[1]), buf[2], buf[3])
+        _write_failures(Path(out) / 'failures.csv', failures)
+        buf, last_commit = ([], [], [], []), time.monotonic()
+
     for batch in tqdm(loader, desc=f'{encoder.name} features', disable=not progress, unit='batch'):
-        failures += [(sid, path, err) for sid, path, _, _, err in batch if err]
+        failures += [(sid, path, err) for sid, path, _, _, err, _ in batch if err]
         ok = [b for b in batch if not b[4]]
-        if not ok: continue
-        h = encoder(torch.stack([b[2] for b in ok]).to(device)).float().cpu().numpy().astype(np.float16)
-        n_total = encoder.seconds * SR
-        for b, hi in zip(ok, h):
-            buf[0].append(b[0]); buf[1].append(hi); buf[2].append(min(encoder.l_m, math.ceil(encoder.l_m * b[3] / n_total)))
-        if len(buf[0]) >= rows_per_shard: cache.append(buf[0], np.stack(buf[1]), buf[2]); buf = ([], [], [])
-    if buf[0]: cache.append(buf[0], np.stack(buf[1]), buf[2])
-    _write_failures(Path(out) / 'failures.csv', failures)
-    return dict(done=len(todo) - len(failures), skipped=n_skipped, failed=len(failures), failures=failures)
+        if ok:
+            h = encoder(torch.stack([b[2] for b in ok]).to(device)).float().cpu().numpy().astype(np.float16)
+            n_total = encoder.seconds * SR
+            for b, hi in zip(ok, h):
+                buf[0].append(b[0]); buf[1].append(hi); buf[2].append(min(encoder.l_m, math.ceil(encoder.l_m * b[3] / n_total)))
+                buf[3].append(b[5])
+        if len(buf[0]) >= rows_per_shard or time.monotonic() - last_commit >= commit_every_s: commit()
+    commit()
+    return dict(done=len(todo) - len(failures), skipped=n_skipped, failed=len(failures), recomputed=len(stale), failures=failures)
 
 # %% ../nbs/01_music.ipynb #f34a3758
 def _write_failures(path, failures):
@@ -555,9 +623,12 @@ def _songs_in(data):
         from alcap.data import load_songs
         return load_songs(data)
     files = sorted(p for p in data.rglob('*') if p.suffix.lower() in AUDIO_EXTS)
-    return [argparse.Namespace(id=p.stem, audio_path=str(p)) for p in files]
+    stem = lambda p: p.relative_to(data).with_suffix('').as_posix()
+    n = Counter(stem(p) for p in files)
+    return [argparse.Namespace(id=stem(p) if n[stem(p)] == 1 else p.relative_to(data).as_posix(), audio_path=str(p)) for p in files]
 
 # %% ../nbs/01_music.ipynb #68b68121
+@user_errors('alcap-features')
 def features_cli(argv=None):
     "Command line: extract every song's h_m into a feature cache."
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -572,12 +643,11 @@ def features_cli(argv=None):
     p.add_argument('--workers', type=int, default=2); p.add_argument('--device', default=None)
     p.add_argument('--excerpt', default='start', choices=('start', 'middle')); p.add_argument('--pad', default='repeat', choices=('repeat', 'zero'))
     a = p.parse_args(argv)
-    try:
-        songs = _songs_in(a.data)
-        enc = get_encoder(a.encoder, a.checkpoint, pretrained=not a.random_init)
-        r = extract_features(songs, enc, a.out, a.batch_size, a.workers, a.device, a.excerpt, a.pad)
-    except (ValueError, FileNotFoundError, ModuleNotFoundError) as e: print(f'alcap-features: {e}', file=sys.stderr); return 2
-    print(f"{r['done']} extracted, {r['skipped']} already done, {r['failed']} failed -> {a.out}")
+    songs = _songs_in(a.data)
+    enc = get_encoder(a.encoder, a.checkpoint, pretrained=not a.random_init)
+    r = extract_features(songs, enc, a.out, a.batch_size, a.workers, a.device, a.excerpt, a.pad)
+    again = f" ({r['recomputed']} recomputed: their audio changed)" if r['recomputed'] else ''
+    print(f"{r['done']} extracted{again}, {r['skipped']} already done, {r['failed']} failed -> {a.out}")
     if r['failed']: print(f"failures listed in {Path(a.out) / 'failures.csv'}", file=sys.stderr)
     return 1 if r['failed'] else 0
 

@@ -14,15 +14,16 @@ import torch
 import torch.distributed as dist
 
 from .data import (SI_VARIANTS, Collator, LengthGroupedBatchSampler, Song, SongDataset, atomic_write, check_si_sizes,
-                        get_tokenizer, load_ncm_csv, load_si_csvs, load_songs)
+                        get_tokenizer, load_ncm_csv, load_si_csvs, load_songs, user_errors)
+
 
 # %% auto #0
-__all__ = ['DATASETS', 'METHODS', 'PRESETS', 'GENERATION_PARAMS', 'STEP_FIELDS', 'EPOCH_FIELDS', 'TrainConfig', 'validate',
-           'Dist', 'setup_distributed', 'seed_everything', 'load_dataset_songs', 'ensure_features', 'fusion_layers',
-           'build_model', 'build_optimizer', 'save_torch', 'save_checkpoint', 'load_checkpoint', 'generation_kwargs',
-           'generation_settings', 'generate_captions', 'CsvLog', 'validation_losses', 'demo_scores',
-           'generation_scores', 'hardware', 'run_tokenizer', 'write_captions', 'data_manifest', 'same_data',
-           'default_num_workers', 'train_loader', 'train_step', 'StepWindow', 'train', 'finish_run',
+__all__ = ['DATASETS', 'METHODS', 'PRESETS', 'BEST_METRICS', 'GENERATION_PARAMS', 'STEP_FIELDS', 'EPOCH_FIELDS', 'TrainConfig',
+           'validate', 'Dist', 'setup_distributed', 'seed_everything', 'load_dataset_songs', 'ensure_features',
+           'fusion_layers', 'build_model', 'build_optimizer', 'save_torch', 'save_checkpoint', 'load_checkpoint',
+           'generation_kwargs', 'generation_settings', 'generate_captions', 'CsvLog', 'validation_losses',
+           'demo_scores', 'generation_scores', 'hardware', 'run_tokenizer', 'write_captions', 'data_manifest',
+           'same_data', 'default_num_workers', 'train_loader', 'train_step', 'StepWindow', 'train', 'finish_run',
            'inference_settings', 'train_cli']
 
 # %% ../nbs/03_train.ipynb #51513b9e
@@ -77,7 +78,7 @@ class TrainConfig:
     max_target_len: int|None = None
     precision: str = 'auto'               # 'auto' (bf16 autocast on GPU, fp32 on CPU), 'bf16' (autocast on any device) or 'fp32'
     eval_every: int|None = None           # validate every N epochs
-    best_metric: str = 'val_loss'         # 'val_loss' (lower is better) or a generation metric on validation: 'rougeL', 'meteor', ...
+    best_metric: str = 'val_loss'         # 'val_loss' (lower is better) or a generation metric on validation: 'rougeL', 'meteor', ... (BEST_METRICS)
     val_generate_n: int|None = None       # validation songs captioned at each validation (0: none) for generation metrics
     # generation: None takes the preset's value, else the checkpoint's generation_config (see generation_kwargs)
     num_beams: int|None = None
@@ -91,7 +92,7 @@ class TrainConfig:
     length_penalty: float|None = None
     output_dir: str = 'runs/demo_alcap_s0'
     save_every: int = 100                 # steps between mid-epoch checkpoints
-    max_steps: int|None = None            # stop after this many optimiser steps (tests, quick looks)
+    max_steps: int|None = None            # stop at this optimiser step, counted from the run's start (tests, quick looks)
     num_workers: int|None = None          # data-loading processes (None: 4 on a GPU, so collation overlaps the step; 0 on a CPU)
     torch_compile: bool = False           # GPU only: torch.compile the training forward/backward (minutes of warm-up)
 
@@ -105,14 +106,32 @@ class TrainConfig:
             if getattr(c, k) is None: setattr(c, k, v)
         if c.data_dir is None and c.dataset == 'demo': c.data_dir = 'data/demo' if c.demo_n in (None, 800) else f'data/demo-{c.demo_n}'
         if c.features_dir is None and c.data_dir is not None: c.features_dir = str(Path(c.data_dir)/'features'/c.music_encoder)
+        if isinstance(c.best_metric, str) and not c.best_metric.startswith('val_'): c.best_metric = 'val_' + c.best_metric  # 'rougeL'
         return c
 
 # %% ../nbs/03_train.ipynb #ae376812
 def _choice(name, value, options):
     if value not in options: raise ValueError(f"parameter {name}={value!r}: must be one of {options}")
 
+# what `best_metric` can name: the validation columns of log_epochs.csv (losses: lower is better)
+BEST_METRICS = ('val_loss', 'val_loss_cap', 'val_loss_contrast', 'val_rouge1', 'val_rougeL', 'val_meteor', 'val_attribute_score')
+
+def _check_types(c: TrainConfig):
+    "Every parameter has its field's type (None only where the field allows it)."
+    for f in fields(c):
+        v, t = getattr(c, f.name), str(f.type)
+        if v is None:
+            if 'None' in t: continue
+            raise ValueError(f"parameter {f.name}=None: a value is needed")
+        if 'bool' in t: ok, kind = isinstance(v, bool), 'True or False'
+        elif 'int' in t and 'float' not in t: ok, kind = isinstance(v, int) and not isinstance(v, bool), 'an integer'
+        elif 'float' in t: ok, kind = isinstance(v, (int, float)) and not isinstance(v, bool), 'a number'
+        else: ok, kind = isinstance(v, str), 'text'
+        if not ok: raise ValueError(f"parameter {f.name}={v!r}: must be {kind}")
+
 def validate(c: TrainConfig, check_files: bool = True) -> TrainConfig:
     "Check a resolved config; raise `ValueError` naming the first bad parameter."
+    _check_types(c)
     _choice('dataset', c.dataset, DATASETS); _choice('method', c.method, METHODS)
     _choice('similarity', c.similarity, ('cosine', 'dot')); _choice('optimizer', c.optimizer, ('adamw', 'adafactor'))
     _choice('schedule', c.schedule, ('constant', 'linear', 'cosine')); _choice('text_init', c.text_init, ('pretrained', 'random'))
@@ -131,6 +150,12 @@ def validate(c: TrainConfig, check_files: bool = True) -> TrainConfig:
         if v is not None and not (isinstance(v, int) and v >= 0): raise ValueError(f"parameter {k}={v!r}: must be None or an integer >= 0")
     if c.max_new_tokens is None and c.max_length is None:  # else generate() would stop at transformers' default of 20
         raise ValueError("parameters max_new_tokens=None and max_length=None: set one, e.g. max_length 512 as the original")
+    if c.max_steps is not None and c.max_steps < 1: raise ValueError(f"parameter max_steps={c.max_steps!r}: must be a positive integer")
+    _choice('best_metric', c.best_metric, BEST_METRICS)
+    if 'loss' not in c.best_metric and not c.val_generate_n:
+        raise ValueError(f"parameter best_metric={c.best_metric!r}: a generation metric needs val_generate_n > 0 (it is {c.val_generate_n})")
+    if c.best_metric == 'val_loss_contrast' and c.method != 'alcap':
+        raise ValueError(f"parameter best_metric='val_loss_contrast' with method={c.method!r}: only 'alcap' has a contrastive loss")
     if c.fusion not in ('auto', 'after_encoder'):
         try: [int(x) for x in str(c.fusion).split(',')]
         except ValueError: raise ValueError(f"parameter fusion={c.fusion!r}: 'auto', 'after_encoder' or comma-separated layer indices") from None
@@ -184,10 +209,12 @@ def load_dataset_songs(c: TrainConfig) -> list[Song]:
     if c.dataset == 'demo':
         from alcap.demo import ensure_demo_data
         manifest = Path(c.data_dir)/'dataset.json'
-        held = json.loads(manifest.read_text())['n'] if manifest.exists() else None
+        m = json.loads(manifest.read_text()) if manifest.exists() else {}
+        held = m.get('n')
         if held is not None and c.demo_n is not None and held != c.demo_n:  # never overwrite a dataset that is there
             raise ValueError(f"parameter demo_n={c.demo_n}: {c.data_dir} holds a demo of {held} songs; pass demo_n {held} or another data_dir")
-        return ensure_demo_data(c.data_dir, n=c.demo_n or held or 800, seed=0)
+        # the demo's seed is not a training parameter: a folder made with another seed is used as it is
+        return ensure_demo_data(c.data_dir, n=c.demo_n or held or 800, seed=m.get('seed', 0))
     if c.dataset == 'jsonl': songs = load_songs(c.data_dir)
     elif (Path(c.data_dir)/'metadata.jsonl').exists(): songs = load_songs(c.data_dir)
     elif c.dataset == 'ncm': songs = load_ncm_csv(Path(c.data_dir)/f"{c.csv_name or 'ncm'}.csv", audio_dir=Path(c.data_dir)/'audio')
@@ -208,6 +235,9 @@ def ensure_features(c: TrainConfig, songs: list[Song]):
     cache = FeatureCache(c.features_dir)
     if cache.encoder_name != c.music_encoder:
         raise ValueError(f"parameter features_dir={c.features_dir!r}: the cache holds {cache.encoder_name!r} features but music_encoder={c.music_encoder!r}")
+    if stale := cache.stale(songs):
+        raise ValueError(f"{c.features_dir}: {len(stale)} song(s) have features of other audio than they have now ({stale[0][1]}): "
+                         f"rerun alcap-features --data {c.data_dir} --out {c.features_dir} to recompute them")
     return cache
 
 # %% ../nbs/03_train.ipynb #5edd902b
@@ -275,7 +305,10 @@ def save_checkpoint(path, model, opt, sched, state: dict):
 
 def load_checkpoint(path, model, opt=None, sched=None) -> dict:
     "Restore a checkpoint written by `save_checkpoint` (RNG states included); returns its trainer state."
-    ck = torch.load(path, map_location='cpu', weights_only=True)
+    try: ck = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # truncated, not a zip, not a torch file: all say the same to the user
+        why = (str(e).strip().splitlines() or [''])[0][:200]
+        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {why}); delete it to restart the run from its beginning") from e
     model.load_state_dict(ck['model'])
     if opt is not None: opt.load_state_dict(ck['optimizer'])
     if sched is not None: sched.load_state_dict(ck['scheduler'])
@@ -486,6 +519,8 @@ def train(c: TrainConfig, command: str|None = None, progress: bool = True, log_e
     if (out/'config.json').exists() and not same_data(out, c.data_dir):
         raise ValueError(f"{out} holds a run on other data than {c.data_dir} holds now (its dataset.json differs): use another output_dir")
     split = {k: [s for s in songs if s.split == k] for k in ('train', 'val', 'test')}
+    if c.best_metric == 'val_attribute_score' and not (split['val'] and 'instrument' in split['val'][0].meta):
+        raise ValueError("parameter best_metric='val_attribute_score': only the demo's songs carry the attributes it scores")
     tokenizer = ctx.main_first(lambda: run_tokenizer(c, split['train'], out))
     features = ctx.main_first(lambda: ensure_features(c, songs))
     data = {k: SongDataset(v, tokenizer, features, c.max_source_len, c.max_target_len) for k, v in split.items()}
@@ -499,6 +534,16 @@ def train(c: TrainConfig, command: str|None = None, progress: bool = True, log_e
     state = dict(epoch=0, batches_done=0, step=0, best=None, best_epoch=None)
     resumed = (out/'checkpoints'/'last.pt').exists()
     if resumed: state = load_checkpoint(out/'checkpoints'/'last.pt', model, opt, sched)
+    # max_steps counts from the run's start: a run already there trains nothing, and says so
+    if c.max_steps is not None and state['step'] >= c.max_steps:
+        note = f"{out} is at step {state['step']}, max_steps is {c.max_steps}: nothing to train (raise max_steps to go on)"
+        if ctx.main: print(note, file=sys.stderr)
+        return dict(status='stopped', step=state['step'], epoch=state['epoch'], output_dir=str(out), note=note)
+    if resumed and state['epoch'] >= c.epochs and (out/'summary.json').exists():
+        note = f"{out} holds a finished run ({c.epochs} epochs): nothing to train (its results are kept)"
+        if ctx.main: print(note, file=sys.stderr)
+        return dict(status='done', step=state['step'], best_epoch=state['best_epoch'], best_metric=c.best_metric,
+                    best_value=state['best'], output_dir=str(out), note=note, **json.loads((out/'summary.json').read_text()))
     if ctx.main and not resumed:
         meta = dict(parameters=params, text_init=model.config.text_init, tokenizer=tokenizer.alcap_source, dataset=c.dataset,
                     method=c.method, alpha=c.alpha, seed=c.seed, music_encoder='none' if c.method == 'bart' else c.music_encoder,
@@ -511,7 +556,7 @@ def train(c: TrainConfig, command: str|None = None, progress: bool = True, log_e
     if ctx.main:
         step_log = CsvLog(out/'log_steps.csv', STEP_FIELDS, state['step'] if resumed else None)
         epoch_log = CsvLog(out/'log_epochs.csv', EPOCH_FIELDS, state['step'] if resumed else None)
-    lower_better = c.best_metric.endswith('loss')
+    lower_better = 'loss' in c.best_metric
     # on a CPU reading a loss costs nothing; on a GPU each read is a host sync, so rows are read 10 at a time
     log_every = log_every or (1 if ctx.device.type == 'cpu' else 10)
     fwd = torch.compile(ddp) if c.torch_compile and ctx.device.type == 'cuda' else ddp
@@ -563,19 +608,32 @@ def train(c: TrainConfig, command: str|None = None, progress: bool = True, log_e
         if ctx.world > 1: dist.barrier()
 
     summary = dict(status='done', step=state['step'], best_epoch=state['best_epoch'], best_metric=c.best_metric, best_value=state['best'], output_dir=str(out))
-    if ctx.main: summary.update(finish_run(c, model, tokenizer, collate, data, split, out, ctx.device))
+    if ctx.main: summary.update(finish_run(c, model, tokenizer, collate, data, split, out, ctx.device, progress))
     if ctx.world > 1: dist.barrier()
     return summary
 
 # %% ../nbs/03_train.ipynb #c8674b99
-def finish_run(c: TrainConfig, model, tokenizer, collate, data, split, out: Path, device) -> dict:
+def _captions_with_progress(model, dataset, tokenizer, collate, c: TrainConfig, device, desc: str, progress: bool = True,
+                            chunk: int = 128) -> list[str]:
+    "`generate_captions` over the whole split in chunks of similar length, with a progress bar (time left included)."
+    from tqdm import tqdm
+    order = sorted(range(len(dataset)), key=lambda i: -len(dataset.input_ids[i]))  # as generate_captions orders them
+    out = {}
+    with tqdm(total=len(order), desc=desc, unit='song', file=sys.stderr, mininterval=2, disable=not progress) as bar:
+        for k in range(0, len(order), chunk):
+            idx = order[k:k + chunk]
+            out.update(zip(idx, generate_captions(model, dataset, tokenizer, collate, c, device, idx)))
+            bar.update(len(idx))
+    return [out[i] for i in range(len(dataset))]
+
+def finish_run(c: TrainConfig, model, tokenizer, collate, data, split, out: Path, device, progress: bool = True) -> dict:
     "Load the best weights, caption the validation and test splits, save the final model."
     if (out/'checkpoints'/'best.pt').exists():
         model.load_state_dict(torch.load(out/'checkpoints'/'best.pt', map_location='cpu', weights_only=True))
     res = {}
     for name in ('val', 'test'):
         if not split[name]: continue
-        preds = generate_captions(model, data[name], tokenizer, collate, c, device)
+        preds = _captions_with_progress(model, data[name], tokenizer, collate, c, device, f'captions {name}', progress)
         write_captions(out/f'captions_{name}.csv', split[name], preds)
         res.update({f'{name}_{k}': v for k, v in demo_scores(preds, split[name]).items()})
     for k, v in inference_settings(c).items(): setattr(model.config, k, v)  # so that new songs are prepared as these were
@@ -598,15 +656,22 @@ def inference_settings(c: TrainConfig) -> dict:
     return s
 
 # %% ../nbs/03_train.ipynb #8c77fb38
-def _parse_value(s: str, typ):
-    "Parse a command-line value for a field of type `typ` ('None' means None)."
+_BOOLS = {'true': True, '1': True, 'yes': True, 'false': False, '0': False, 'no': False}
+
+def _parse_value(name: str, s: str, typ):
+    "Parse the command-line value `s` of parameter `name`, of type `typ` ('None' means None); errors name the parameter."
     if s in ('None', 'none', 'null'): return None
     t = str(typ)
-    if 'bool' in t: return s.lower() in ('1', 'true', 'yes')
-    if 'int' in t and 'float' not in t: return int(s)
-    if 'float' in t: return float(s)
+    try:
+        if 'bool' in t: return _BOOLS[s.lower()]
+        if 'int' in t and 'float' not in t: return int(s)
+        if 'float' in t: return float(s)
+    except (KeyError, ValueError):
+        kind = 'true or false' if 'bool' in t else 'an integer' if 'int' in t and 'float' not in t else 'a number'
+        raise ValueError(f"--{name} {s!r}: must be {kind}") from None
     return s
 
+@user_errors('alcap-train')
 def train_cli(argv: list[str]|None = None):
     "Command line: train one model (`alcap-train --dataset demo --method alcap --alpha 0.02 ...`)."
     p = argparse.ArgumentParser(prog='alcap-train', description='Train an ALCAP / BART-fusion / BART captioner.')
@@ -614,9 +679,8 @@ def train_cli(argv: list[str]|None = None):
     p.add_argument('--quiet', action='store_true', help='no progress bar')
     a = vars(p.parse_args(argv))
     quiet = a.pop('quiet')
-    kw = {f.name: _parse_value(a[f.name], f.type) for f in fields(TrainConfig) if a[f.name] is not None}
-    try: cfg = validate(TrainConfig(**kw).resolve())
-    except ValueError as e: p.error(str(e))
+    kw = {f.name: _parse_value(f.name, a[f.name], f.type) for f in fields(TrainConfig) if a[f.name] is not None}
+    cfg = validate(TrainConfig(**kw).resolve())
     cmd = 'alcap-train ' + ' '.join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
     summary = train(cfg, command=cmd, progress=not quiet)
     if int(os.environ.get('RANK', '0')) == 0: print(json.dumps(summary))

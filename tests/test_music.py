@@ -142,7 +142,7 @@ def test_tags_cli(capsys):
 
 def test_tags_cli_bad_file(tmp_path, capsys):
     (tmp_path / 'x.wav').write_text('text')
-    assert tags_cli([str(tmp_path / 'x.wav')]) == 1
+    assert tags_cli([str(tmp_path / 'x.wav')]) == 2  # bad input: one line, exit status 2 (alcap.data.user_errors)
     assert 'x.wav' in capsys.readouterr().err
 
 
