@@ -105,7 +105,12 @@ class Captioner:
     "Caption new songs with a trained model, preparing audio and lyrics exactly as its training did."
     def __init__(self, model, tokenizer, encoder=None, preprocessing=None, max_source_len=None, generation=None,
                  device=None, precision='auto', encoder_problem=None, name='model'):
-        self.device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+        try:
+            self.device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+        except RuntimeError as e:
+            raise CaptionError(f'--device {device}: {e}') from None
+        if self.device.type == 'cuda' and not torch.cuda.is_available():
+            raise CaptionError(f'--device {device}: no CUDA GPU on this machine')
         self.model, self.tokenizer, self.name = model.to(self.device).eval(), tokenizer, str(name)
         self.encoder = encoder.to(self.device).eval() if encoder is not None else None
         self.preprocessing, self.encoder_problem = dict(preprocessing or {}), encoder_problem

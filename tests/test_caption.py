@@ -273,8 +273,12 @@ def test_bad_inputs_get_one_clear_line(runs, tmp_path):
         (('--model', m, '--batch', tmp_path/'cols.csv', '--out', tmp_path/'o.jsonl'), [tmp_path/'cols.csv', 'id']),
         (('--model', m, '--batch', t/'dup.csv', '--out', t/'o.jsonl'), [t/'dup.csv', "'a'", 'line 3']),
         (('--model', m, '--batch', t/'none.csv', '--out', t/'o.jsonl'), [t/'none.csv', 'no such file']),
-        (('--model', m, '--batch', tmp_path/'dup.csv'), ['--out']),
+        (('--model', m, '--batch', t/'dup.csv'), ['--out']),
+        (('--model', m, '--audio', s.audio_path, '--lyrics', lyr, '--device', 'gpu'), ['--device gpu']),
     ]
+    if not torch.cuda.is_available():
+        argv = ('--model', m, '--audio', s.audio_path, '--lyrics', lyr, '--device', 'cuda')
+        cases.append((argv, ['--device cuda', 'no CUDA']))
     for argv, names in cases:
         rc, out, err = cli(*argv)
         one_clear_line(rc, err, *names)
