@@ -382,3 +382,22 @@ def test_training_and_captioning_show_progress_with_time_left(tiny_data, tmp_pat
 def test_demo_data_cli_shows_progress(tmp_path, capsys):
     assert demo_data_cli(['--out', str(tmp_path/'d'), '--n', '4', '--workers', '1']) is None
     assert 'demo songs' in capsys.readouterr().err
+
+
+def test_papermill_training_progress_reaches_the_terminal(tiny_data, tmp_path):
+    "alcap-demo's way of running the training notebook: its progress bars (with time left) arrive on our stderr."
+    params = dict(dataset='jsonl', data_dir=str(tiny_data/'songs'), features_dir=str(tiny_data/'feats'), alpha=0.1,
+                  model_size='tiny', text_init='random', vocab_size=300, batch_size=4, epochs=1, max_source_len=128,
+                  max_target_len=64, num_beams=1, max_new_tokens=4, val_generate_n=0, output_dir=str(tmp_path/'run'))
+    script = f'from alcap.demo import run_training_notebook; run_training_notebook({str(tmp_path/"run")!r}, {params!r})'
+    r = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert 'epoch 1/1' in r.stderr and 'captions test' in r.stderr and '<' in r.stderr, r.stderr[-2000:]
+
+
+def test_a_failed_papermill_training_is_one_line(tmp_path):
+    from alcap.demo import run_training_notebook
+    with pytest.raises(ValueError) as e:
+        run_training_notebook(tmp_path/'run', dict(dataset='msd', output_dir=str(tmp_path/'run')))
+    msg = str(e.value)
+    assert "dataset='msd'" in msg and str(tmp_path/'run'/'train.ipynb') in msg and '\n' not in msg
