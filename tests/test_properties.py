@@ -6,10 +6,12 @@ import pytest
 import torch
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 
-from alcap.data import Collator, Song, SongDataset, demo_song, get_tokenizer, load_si_json, load_songs, load_table, write_songs
+from alcap.data import (Collator, Song, SongDataset, demo_song, get_tokenizer, load_si_json, load_songs, load_table,
+                        write_songs)
 
 # few examples, no deadline (the machine is shared), no example database written into the repository
-FAST = settings(max_examples=25, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FAST = settings(max_examples=25, deadline=None, database=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture])
 text = st.text(max_size=300)                            # any unicode but lone surrogates (not encodable as UTF-8)
 lyrics = text.filter(lambda s: s.strip() != '')         # the adapters require lyrics
 
@@ -39,7 +41,8 @@ def test_generic_table_round_trip_any_text(tmp_path, rows, fmt):
     if fmt == 'csv':
         with open(path, 'w', encoding='utf-8', newline='') as f:
             w = csv.DictWriter(f, ['id', 'lyrics', 'caption']); w.writeheader(); w.writerows(recs)
-    elif fmt == 'jsonl': path.write_text(''.join(json.dumps(r, ensure_ascii=False) + '\n' for r in recs), encoding='utf-8')
+    elif fmt == 'jsonl':
+        path.write_text(''.join(json.dumps(r, ensure_ascii=False) + '\n' for r in recs), encoding='utf-8')
     else: path.write_text(json.dumps(recs, ensure_ascii=False), encoding='utf-8')
     songs = load_table(path)
     assert [(s.id, s.lyrics, s.caption) for s in songs] == [(r['id'], r['lyrics'], r['caption']) for r in recs]
