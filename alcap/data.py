@@ -154,7 +154,9 @@ def load_si_json(path, lyrics_newline: str|None = ';') -> list[Song]:
     "Read the JSON mirror of the SI pickles: a JSON list of records, or JSON lines."
     text = Path(path).read_text(encoding='utf-8')
     # JSON lines end at '\n' only: splitlines() would also cut at U+2028, \x1c, \x85... which JSON strings may hold raw
-    try: records = json.loads(text) if text.lstrip().startswith('[') else [json.loads(l) for l in text.split('\n') if l.strip()]
+    try:
+        if text.lstrip().startswith('['): records = json.loads(text)
+        else: records = [json.loads(l) for l in text.split('\n') if l.strip()]
     except json.JSONDecodeError as e: raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
     return [_si_song(r, f"{path}[{i}]", lyrics_newline) for i, r in enumerate(records)]
 
@@ -218,7 +220,8 @@ def _rows(path) -> list[dict]:
     if path.suffix == '.csv':
         with open(path, encoding='utf-8', newline='') as f: return list(csv.DictReader(f))
     text = path.read_text(encoding='utf-8')
-    try: return json.loads(text) if path.suffix == '.json' else [json.loads(l) for l in text.split('\n') if l.strip()]  # not splitlines: see load_si_json
+    try:  # JSON lines end at '\n' only (see load_si_json)
+        return json.loads(text) if path.suffix == '.json' else [json.loads(l) for l in text.split('\n') if l.strip()]
     except json.JSONDecodeError as e: raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
 
 def load_table(path, id_col: str|None = 'id', lyrics_col='lyrics', caption_col='caption', audio_col: str|None = 'audio_path',
@@ -529,7 +532,8 @@ def make_demo(out, n: int = 800, seed: int = 0, workers: int|None = None, progre
     out = Path(out)
     workers = workers or min(os.cpu_count() or 1, 8)
     jobs = [(i, seed, str(out)) for i in range(n)]
-    bar = lambda it: tqdm(it, total=n, desc='demo songs', unit='song', disable=not progress, file=sys.stderr, mininterval=1)
+    bar = lambda it: tqdm(it, total=n, desc='demo songs', unit='song', disable=not progress, file=sys.stderr,
+                          mininterval=1)
     if workers == 1: songs = [_write_demo_song(j) for j in bar(jobs)]
     else:
         # the worker is looked up in the installed module, so this also works when called from a notebook
@@ -599,7 +603,8 @@ def demo_data_cli(argv: list[str]|None = None):
         m = json.loads(held.read_text())
         have = {k: m.get(k) for k in ('n', 'seed', 'generator_version')}
         if have != dict(n=args.n, seed=args.seed, generator_version=DEMO_GENERATOR_VERSION):
-            raise ValueError(f"{args.out} holds a demo made with {have}: pass --overwrite to replace it, or another --out")
+            raise ValueError(f"{args.out} holds a demo made with {have}: "
+                             "pass --overwrite to replace it, or another --out")
     t0 = time.time()
     songs = make_demo(args.out, args.n, args.seed, args.workers, progress=True)
     print(f"wrote {len(songs)} songs to {args.out} in {time.time() - t0:.1f} s: "
@@ -680,7 +685,8 @@ class SongDataset(torch.utils.data.Dataset):
             missing = [s.id for s in self.songs if s.id not in features]
             if missing:
                 where = f' {features.path}' if hasattr(features, 'path') else ''
-                raise KeyError(f"{len(missing)} song(s) have no music features in the cache{where}, e.g. {missing[:3]}: "
+                raise KeyError(f"{len(missing)} song(s) have no music features in the cache{where}, "
+                               f"e.g. {missing[:3]}: "
                                "extract them with alcap-features (it skips the songs already there)")
 
     def __len__(self): return len(self.songs)

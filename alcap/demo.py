@@ -14,8 +14,8 @@ METHOD_ALPHA = {'bart': 0.0, 'bart-fusion': 0.0, 'alcap': 0.02}
 
 # %% auto #0
 __all__ = ['METHOD_ALPHA', 'SCORE_COLUMNS', 'ensure_demo_data', 'provenance', 'dataset_summary', 'ensure_features', 'repo_root',
-           'yaml_value', 'finished_run', 'train_method', 'attribute_table', 'attribute_summary', 'loss_plot',
-           'write_demo_results', 'main']
+           'yaml_value', 'finished_run', 'run_training_notebook', 'train_method', 'attribute_table',
+           'attribute_summary', 'loss_plot', 'write_demo_results', 'main']
 
 # %% ../nbs/09_demo.ipynb #6660f659
 def ensure_demo_data(folder, n: int = 800, seed: int = 0, regenerate: bool = False) -> list:
@@ -28,7 +28,8 @@ def ensure_demo_data(folder, n: int = 800, seed: int = 0, regenerate: bool = Fal
         if same_songs and m.get('n') == n: return load_songs(folder)
         if not regenerate:
             have = {k: m.get(k) for k in ('n', 'seed', 'generator_version')}
-            raise ValueError(f'{folder} holds a demo made with {have}, not n={n}, seed={seed}, generator_version={DEMO_GENERATOR_VERSION}: '
+            want = f'n={n}, seed={seed}, generator_version={DEMO_GENERATOR_VERSION}'
+            raise ValueError(f'{folder} holds a demo made with {have}, not {want}: '
                              'use another folder, or replace it (alcap-demo --regenerate; its features go too)')
         manifest.unlink()  # an interrupted regeneration must not look finished
         if not same_songs and (folder/'features').exists():  # features of other audio under the same song ids
@@ -95,19 +96,24 @@ def finished_run(out: Path, data: Path) -> bool:
                          f'delete {out} (or pass --runs with another folder) to train it again')
     return True
 
-def train_method(method: str, seed: int, data: Path, runs: Path, **params) -> Path:
-    "Train one method via papermill on nbs/03_train.ipynb; returns its run folder."
+def run_training_notebook(out: Path, parameters: dict) -> Path:
+    "Run nbs/03_train.ipynb with papermill into `out/train.ipynb`; its stderr (the progress bars) goes to ours."
     import papermill as pm
-    out = runs/f'{method}_s{seed}'
-    if finished_run(out, data): return out
-    out.mkdir(parents=True, exist_ok=True)
-    parameters = dict(dataset='demo', data_dir=str(data), method=method, alpha=METHOD_ALPHA[method], seed=seed, output_dir=str(out), **params)
+    out = Path(out); out.mkdir(parents=True, exist_ok=True)
     try:
         pm.execute_notebook(str(repo_root()/'nbs'/'03_train.ipynb'), str(out/'train.ipynb'), parameters=parameters,
                             cwd=str(repo_root()), progress_bar=False, log_output=False, stderr_file=sys.stderr)
     except pm.PapermillExecutionError as e:
-        raise ValueError(f"training {method} (seed {seed}) failed: {e.ename}: {e.evalue} (traceback in {out/'train.ipynb'})") from None
+        where = out/'train.ipynb'
+        raise ValueError(f"training into {out} failed: {e.ename}: {e.evalue} (the traceback is in {where})") from None
     return out
+
+def train_method(method: str, seed: int, data: Path, runs: Path, **params) -> Path:
+    "Train one method via papermill on nbs/03_train.ipynb; returns its run folder."
+    out = runs/f'{method}_s{seed}'
+    if finished_run(out, data): return out
+    parameters = dict(dataset='demo', data_dir=str(data), method=method, alpha=METHOD_ALPHA[method], seed=seed, output_dir=str(out), **params)
+    return run_training_notebook(out, parameters)
 
 # %% ../nbs/09_demo.ipynb #64a225af
 def attribute_table(run_dirs) -> 'pd.DataFrame':
@@ -189,7 +195,8 @@ def main(argv: list[str]|None = None):
     p.add_argument('--methods', nargs='+', default=list(METHOD_ALPHA), choices=list(METHOD_ALPHA))
     p.add_argument('--stages', nargs='+', default=['data', 'features', 'train', 'evaluate'], choices=['data', 'features', 'train', 'evaluate'])
     p.add_argument('--param', action='append', default=[], metavar='KEY=VALUE', help='a training parameter for every run (as papermill -p)')
-    p.add_argument('--regenerate', action='store_true', help='replace a demo of another size or seed in --data (deletes its features)')
+    p.add_argument('--regenerate', action='store_true',
+                   help='replace a demo of another size or seed in --data (deletes its features)')
     args = p.parse_args(argv)
     params = {}
     for kv in args.param:

@@ -30,7 +30,8 @@ def _read_captions(path) -> pd.DataFrame:
     if not rows: raise ValueError(f"{path}: empty file (expected the header {','.join(CAPTION_COLUMNS)})")
     header = rows[0]
     for i, r in enumerate(rows[1:], 2):  # row 1 is the header
-        if len(r) < len(header): raise ValueError(f"{path}: row {i} has {len(r)} fields, no {header[len(r)]!r} (the header has {len(header)})")
+        if len(r) < len(header):
+            raise ValueError(f"{path}: row {i} has {len(r)} fields, no {header[len(r)]!r} (the header {len(header)})")
         if len(r) > len(header): raise ValueError(f"{path}: row {i} has {len(r)} fields, the header {len(header)}")
     return pd.DataFrame(rows[1:], columns=header, dtype=str)
 
@@ -221,7 +222,8 @@ def eval_cli(argv=None):
     if not args.runs:
         for t in (Path(args.out)/"table1.csv", Path(args.out)/"table2.csv"):
             if t.exists() and (pd.read_csv(t, dtype=str)["source"] == "ours").any():
-                raise ValueError(f"no run folders given, and {t} holds scores of runs: not replacing them with an empty table "
+                raise ValueError(f"no run folders given, and {t} holds scores of runs: "
+                                 "not replacing them with an empty table "
                                  "(pass the run folders, or another --out)")
     paper_rows, results = (read_paper_numbers(args.paper, args.paper_std) if args.paper else ()), []
     for r in args.runs:

@@ -472,7 +472,8 @@ FeatureCache.__contains__ = lambda self, song_id: song_id in self._index
 FeatureCache.__len__ = lambda self: len(self._index)
 FeatureCache.ids = lambda self: list(self._index)
 FeatureCache.length = lambda self, song_id: self._lengths[song_id]  # real (unpadded) frames
-FeatureCache.source = lambda self, song_id: self._sources.get(song_id)  # what h_m was computed from (None: not recorded)
+# what h_m was computed from (None: not recorded)
+FeatureCache.source = lambda self, song_id: self._sources.get(song_id)
 FeatureCache.__repr__ = lambda self: f'FeatureCache({str(self.path)!r}: {len(self)} songs, {self.encoder_name}, h_m {self.l_m} x {self.d_m})'
 
 # %% ../nbs/01_music.ipynb #72e22be4
@@ -492,7 +493,7 @@ def _fc_create(cls, path, encoder_name: str, config: dict, l_m: int, d_m: int) -
 
 # %% ../nbs/01_music.ipynb #0f733ac1
 def _fc_append(self: FeatureCache, ids: list, h: np.ndarray, lengths: list, sources: list|None = None):
-    "Commit one shard: `h` (n, l_m, d_m) for `ids` (with their `audio_source`s); the json marker is written after the array."
+    "Commit one shard: `h` (n, l_m, d_m) for `ids` (and their `audio_source`s); the json marker is written last."
     h = np.asarray(h, dtype=np.float16)
     if h.shape != (len(ids), self.l_m, self.d_m): raise ValueError(f'expected {(len(ids), self.l_m, self.d_m)}, got {h.shape}')
     sources = list(sources) if sources is not None else [None] * len(ids)
@@ -501,7 +502,8 @@ def _fc_append(self: FeatureCache, ids: list, h: np.ndarray, lengths: list, sour
     n = max([int(p.stem) for p in d.glob('*.npy')] + [-1]) + 1
     buf = io.BytesIO(); np.save(buf, h)
     atomic_write(d / f'{n:05d}.npy', buf.getvalue())
-    atomic_write(d / f'{n:05d}.json', json.dumps(dict(ids=list(ids), lengths=[int(x) for x in lengths], sources=sources)))
+    marker = dict(ids=list(ids), lengths=[int(x) for x in lengths], sources=sources)
+    atomic_write(d / f'{n:05d}.json', json.dumps(marker))
     for row, (i, k, src) in enumerate(zip(ids, lengths, sources)):
         self._index[i], self._lengths[i], self._sources[i] = (f'{n:05d}', row), int(k), src
 
@@ -516,9 +518,11 @@ def source_changed(src: dict|None, path) -> str|None:
     if src is None or path is None: return None
     try: st = os.stat(path)
     except OSError: return None  # features kept without their audio: nothing to compare with
-    if st.st_size != src['size']: return f"{path}: {st.st_size} bytes now, {src['size']} when its features were computed"
+    if st.st_size != src['size']:
+        return f"{path}: {st.st_size} bytes now, {src['size']} when its features were computed"
     if st.st_mtime_ns == src['mtime_ns']: return None
-    if audio_source(path)['sha256'] != src['sha256']: return f'{path}: its content changed since its features were computed'
+    if audio_source(path)['sha256'] != src['sha256']:
+        return f'{path}: its content changed since its features were computed'
     return None  # touched or copied, same bytes
 
 def _fc_stale(self: FeatureCache, songs) -> list[tuple[str, str]]:
@@ -531,7 +535,7 @@ def _fc_stale(self: FeatureCache, songs) -> list[tuple[str, str]]:
         seen.add(sid)
         try: st = os.stat(path)
         except OSError: continue
-        if self._verified.get(sid) == [st.st_size, st.st_mtime_ns, src['sha256']]: continue  # hashed before at this time
+        if self._verified.get(sid) == [st.st_size, st.st_mtime_ns, src['sha256']]: continue  # hashed at this time
         why = source_changed(src, path)
         if why: out.append((sid, why))
         elif st.st_mtime_ns != src['mtime_ns']: confirmed[sid] = [st.st_size, st.st_mtime_ns, src['sha256']]
@@ -552,7 +556,8 @@ class _Clips(torch.utils.data.Dataset):
         sid, path = self.items[i]
         try:
             if path is None: raise AudioError(f'song {sid} has no audio_path')
-            src = audio_source(path) if os.path.isfile(path) else None  # before decoding: the record matches what was read
+            # before decoding, so that the record matches what was read
+            src = audio_source(path) if os.path.isfile(path) else None
             with warnings.catch_warnings():
                 warnings.simplefilter('ignore')  # repairs are fine in bulk; they are reported by load_audio when used directly
                 clip, n_real = excerpt(load_audio(path), SR, self.seconds, self.policy, self.pad)
@@ -573,7 +578,8 @@ def _unique_audio(songs) -> dict[str, str|None]:
     return paths
 
 def extract_features(songs, encoder, out, batch_size: int = 16, num_workers: int = 2, device=None, policy: str = 'start',
-                     pad: str = 'repeat', shard_mb: float = 64, progress: bool = True, commit_every_s: float = 60.0) -> dict:
+                     pad: str = 'repeat', shard_mb: float = 64, progress: bool = True,
+                     commit_every_s: float = 60.0) -> dict:
     "Store every song's h_m (fp16) in the FeatureCache at `out`; resumable; returns counts and the failures."
     from tqdm.auto import tqdm
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
@@ -601,11 +607,14 @@ def extract_features(songs, encoder, out, batch_size: int = 16, num_workers: int
             h = encoder(torch.stack([b[2] for b in ok]).to(device)).float().cpu().numpy().astype(np.float16)
             n_total = encoder.seconds * SR
             for b, hi in zip(ok, h):
-                buf[0].append(b[0]); buf[1].append(hi); buf[2].append(min(encoder.l_m, math.ceil(encoder.l_m * b[3] / n_total)))
+                buf[0].append(b[0])
+                buf[1].append(hi)
+                buf[2].append(min(encoder.l_m, math.ceil(encoder.l_m * b[3] / n_total)))
                 buf[3].append(b[5])
         if len(buf[0]) >= rows_per_shard or time.monotonic() - last_commit >= commit_every_s: commit()
     commit()
-    return dict(done=len(todo) - len(failures), skipped=n_skipped, failed=len(failures), recomputed=len(stale), failures=failures)
+    return dict(done=len(todo) - len(failures), skipped=n_skipped, failed=len(failures), recomputed=len(stale),
+                failures=failures)
 
 # %% ../nbs/01_music.ipynb #f34a3758
 def _write_failures(path, failures):
@@ -625,7 +634,8 @@ def _songs_in(data):
     files = sorted(p for p in data.rglob('*') if p.suffix.lower() in AUDIO_EXTS)
     stem = lambda p: p.relative_to(data).with_suffix('').as_posix()
     n = Counter(stem(p) for p in files)
-    return [argparse.Namespace(id=stem(p) if n[stem(p)] == 1 else p.relative_to(data).as_posix(), audio_path=str(p)) for p in files]
+    ids = [stem(p) if n[stem(p)] == 1 else p.relative_to(data).as_posix() for p in files]
+    return [argparse.Namespace(id=i, audio_path=str(p)) for i, p in zip(ids, files)]
 
 # %% ../nbs/01_music.ipynb #68b68121
 @user_errors('alcap-features')

@@ -78,7 +78,7 @@ class TrainConfig:
     max_target_len: int|None = None
     precision: str = 'auto'               # 'auto' (bf16 autocast on GPU, fp32 on CPU), 'bf16' (autocast on any device) or 'fp32'
     eval_every: int|None = None           # validate every N epochs
-    best_metric: str = 'val_loss'         # 'val_loss' (lower is better) or a generation metric on validation: 'rougeL', 'meteor', ... (BEST_METRICS)
+    best_metric: str = 'val_loss'         # 'val_loss' (lower is better) or a generation metric on validation: 'rougeL', 'meteor', ...
     val_generate_n: int|None = None       # validation songs captioned at each validation (0: none) for generation metrics
     # generation: None takes the preset's value, else the checkpoint's generation_config (see generation_kwargs)
     num_beams: int|None = None
@@ -106,7 +106,8 @@ class TrainConfig:
             if getattr(c, k) is None: setattr(c, k, v)
         if c.data_dir is None and c.dataset == 'demo': c.data_dir = 'data/demo' if c.demo_n in (None, 800) else f'data/demo-{c.demo_n}'
         if c.features_dir is None and c.data_dir is not None: c.features_dir = str(Path(c.data_dir)/'features'/c.music_encoder)
-        if isinstance(c.best_metric, str) and not c.best_metric.startswith('val_'): c.best_metric = 'val_' + c.best_metric  # 'rougeL'
+        if isinstance(c.best_metric, str) and not c.best_metric.startswith('val_'):  # 'rougeL' is 'val_rougeL'
+            c.best_metric = 'val_' + c.best_metric
         return c
 
 # %% ../nbs/03_train.ipynb #ae376812
@@ -114,7 +115,8 @@ def _choice(name, value, options):
     if value not in options: raise ValueError(f"parameter {name}={value!r}: must be one of {options}")
 
 # what `best_metric` can name: the validation columns of log_epochs.csv (losses: lower is better)
-BEST_METRICS = ('val_loss', 'val_loss_cap', 'val_loss_contrast', 'val_rouge1', 'val_rougeL', 'val_meteor', 'val_attribute_score')
+BEST_METRICS = ('val_loss', 'val_loss_cap', 'val_loss_contrast', 'val_rouge1', 'val_rougeL', 'val_meteor',
+                'val_attribute_score')
 
 def _check_types(c: TrainConfig):
     "Every parameter has its field's type (None only where the field allows it)."
@@ -150,12 +152,15 @@ def validate(c: TrainConfig, check_files: bool = True) -> TrainConfig:
         if v is not None and not (isinstance(v, int) and v >= 0): raise ValueError(f"parameter {k}={v!r}: must be None or an integer >= 0")
     if c.max_new_tokens is None and c.max_length is None:  # else generate() would stop at transformers' default of 20
         raise ValueError("parameters max_new_tokens=None and max_length=None: set one, e.g. max_length 512 as the original")
-    if c.max_steps is not None and c.max_steps < 1: raise ValueError(f"parameter max_steps={c.max_steps!r}: must be a positive integer")
+    if c.max_steps is not None and c.max_steps < 1:
+        raise ValueError(f"parameter max_steps={c.max_steps!r}: must be a positive integer")
     _choice('best_metric', c.best_metric, BEST_METRICS)
     if 'loss' not in c.best_metric and not c.val_generate_n:
-        raise ValueError(f"parameter best_metric={c.best_metric!r}: a generation metric needs val_generate_n > 0 (it is {c.val_generate_n})")
+        raise ValueError(f"parameter best_metric={c.best_metric!r}: a generation metric needs val_generate_n > 0 "
+                         f"(it is {c.val_generate_n})")
     if c.best_metric == 'val_loss_contrast' and c.method != 'alcap':
-        raise ValueError(f"parameter best_metric='val_loss_contrast' with method={c.method!r}: only 'alcap' has a contrastive loss")
+        raise ValueError(f"parameter best_metric='val_loss_contrast' with method={c.method!r}: "
+                         "only 'alcap' has a contrastive loss")
     if c.fusion not in ('auto', 'after_encoder'):
         try: [int(x) for x in str(c.fusion).split(',')]
         except ValueError: raise ValueError(f"parameter fusion={c.fusion!r}: 'auto', 'after_encoder' or comma-separated layer indices") from None
@@ -236,7 +241,8 @@ def ensure_features(c: TrainConfig, songs: list[Song]):
     if cache.encoder_name != c.music_encoder:
         raise ValueError(f"parameter features_dir={c.features_dir!r}: the cache holds {cache.encoder_name!r} features but music_encoder={c.music_encoder!r}")
     if stale := cache.stale(songs):
-        raise ValueError(f"{c.features_dir}: {len(stale)} song(s) have features of other audio than they have now ({stale[0][1]}): "
+        raise ValueError(f"{c.features_dir}: {len(stale)} song(s) have features of other audio than they have now "
+                         f"({stale[0][1]}): "
                          f"rerun alcap-features --data {c.data_dir} --out {c.features_dir} to recompute them")
     return cache
 
@@ -308,7 +314,8 @@ def load_checkpoint(path, model, opt=None, sched=None) -> dict:
     try: ck = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # truncated, not a zip, not a torch file: all say the same to the user
         why = (str(e).strip().splitlines() or [''])[0][:200]
-        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {why}); delete it to restart the run from its beginning") from e
+        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {why}); "
+                         "delete it to restart the run from its beginning") from e
     model.load_state_dict(ck['model'])
     if opt is not None: opt.load_state_dict(ck['optimizer'])
     if sched is not None: sched.load_state_dict(ck['scheduler'])
@@ -520,7 +527,7 @@ def train(c: TrainConfig, command: str|None = None, progress: bool = True, log_e
         raise ValueError(f"{out} holds a run on other data than {c.data_dir} holds now (its dataset.json differs): use another output_dir")
     split = {k: [s for s in songs if s.split == k] for k in ('train', 'val', 'test')}
     if c.best_metric == 'val_attribute_score' and not (split['val'] and 'instrument' in split['val'][0].meta):
-        raise ValueError("parameter best_metric='val_attribute_score': only the demo's songs carry the attributes it scores")
+        raise ValueError("parameter best_metric='val_attribute_score': only the demo's songs carry its attributes")
     tokenizer = ctx.main_first(lambda: run_tokenizer(c, split['train'], out))
     features = ctx.main_first(lambda: ensure_features(c, songs))
     data = {k: SongDataset(v, tokenizer, features, c.max_source_len, c.max_target_len) for k, v in split.items()}
@@ -536,14 +543,15 @@ def train(c: TrainConfig, command: str|None = None, progress: bool = True, log_e
     if resumed: state = load_checkpoint(out/'checkpoints'/'last.pt', model, opt, sched)
     # max_steps counts from the run's start: a run already there trains nothing, and says so
     if c.max_steps is not None and state['step'] >= c.max_steps:
-        note = f"{out} is at step {state['step']}, max_steps is {c.max_steps}: nothing to train (raise max_steps to go on)"
+        note = f"{out} is at step {state['step']}, max_steps is {c.max_steps}: nothing to train (raise max_steps)"
         if ctx.main: print(note, file=sys.stderr)
         return dict(status='stopped', step=state['step'], epoch=state['epoch'], output_dir=str(out), note=note)
     if resumed and state['epoch'] >= c.epochs and (out/'summary.json').exists():
         note = f"{out} holds a finished run ({c.epochs} epochs): nothing to train (its results are kept)"
         if ctx.main: print(note, file=sys.stderr)
+        finished = json.loads((out/'summary.json').read_text())
         return dict(status='done', step=state['step'], best_epoch=state['best_epoch'], best_metric=c.best_metric,
-                    best_value=state['best'], output_dir=str(out), note=note, **json.loads((out/'summary.json').read_text()))
+                    best_value=state['best'], output_dir=str(out), note=note, **finished)
     if ctx.main and not resumed:
         meta = dict(parameters=params, text_init=model.config.text_init, tokenizer=tokenizer.alcap_source, dataset=c.dataset,
                     method=c.method, alpha=c.alpha, seed=c.seed, music_encoder='none' if c.method == 'bart' else c.music_encoder,
@@ -613,8 +621,8 @@ def train(c: TrainConfig, command: str|None = None, progress: bool = True, log_e
     return summary
 
 # %% ../nbs/03_train.ipynb #c8674b99
-def _captions_with_progress(model, dataset, tokenizer, collate, c: TrainConfig, device, desc: str, progress: bool = True,
-                            chunk: int = 128) -> list[str]:
+def _captions_with_progress(model, dataset, tokenizer, collate, c: TrainConfig, device, desc: str,
+                            progress: bool = True, chunk: int = 128) -> list[str]:
     "`generate_captions` over the whole split in chunks of similar length, with a progress bar (time left included)."
     from tqdm import tqdm
     order = sorted(range(len(dataset)), key=lambda i: -len(dataset.input_ids[i]))  # as generate_captions orders them
@@ -626,7 +634,8 @@ def _captions_with_progress(model, dataset, tokenizer, collate, c: TrainConfig, 
             bar.update(len(idx))
     return [out[i] for i in range(len(dataset))]
 
-def finish_run(c: TrainConfig, model, tokenizer, collate, data, split, out: Path, device, progress: bool = True) -> dict:
+def finish_run(c: TrainConfig, model, tokenizer, collate, data, split, out: Path, device,
+               progress: bool = True) -> dict:
     "Load the best weights, caption the validation and test splits, save the final model."
     if (out/'checkpoints'/'best.pt').exists():
         model.load_state_dict(torch.load(out/'checkpoints'/'best.pt', map_location='cpu', weights_only=True))
@@ -659,7 +668,7 @@ def inference_settings(c: TrainConfig) -> dict:
 _BOOLS = {'true': True, '1': True, 'yes': True, 'false': False, '0': False, 'no': False}
 
 def _parse_value(name: str, s: str, typ):
-    "Parse the command-line value `s` of parameter `name`, of type `typ` ('None' means None); errors name the parameter."
+    "The command-line value `s` of parameter `name`, of type `typ` ('None' means None); errors name the parameter."
     if s in ('None', 'none', 'null'): return None
     t = str(typ)
     try:

@@ -4,11 +4,14 @@ import csv, json
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings, strategies as st
 
-from alcap.data import Collator, Song, SongDataset, demo_song, get_tokenizer, load_si_json, load_songs, load_table, write_songs
+from alcap.data import (Collator, Song, SongDataset, demo_song, get_tokenizer, load_si_json, load_songs, load_table,
+                        write_songs)
 
-FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# few examples, no deadline (the machine is shared), no example database written into the repository
+FAST = settings(max_examples=25, deadline=None, database=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture])
 text = st.text(max_size=300)                            # any unicode but lone surrogates (not encodable as UTF-8)
 lyrics = text.filter(lambda s: s.strip() != '')         # the adapters require lyrics
 
@@ -31,13 +34,15 @@ def test_jsonl_songs_round_trip_any_text(tmp_path, rows):
 
 @FAST
 @given(rows=st.lists(st.tuples(lyrics, text), min_size=1, max_size=5), fmt=st.sampled_from(['csv', 'jsonl', 'json']))
+@example(rows=[('la\x85la', 'line\u2028separator')], fmt='jsonl')  # line breaks for str.splitlines, not for JSON lines
 def test_generic_table_round_trip_any_text(tmp_path, rows, fmt):
     path = tmp_path/f'table.{fmt}'
     recs = [dict(id=f's{i}', lyrics=l, caption=c) for i, (l, c) in enumerate(rows)]
     if fmt == 'csv':
         with open(path, 'w', encoding='utf-8', newline='') as f:
             w = csv.DictWriter(f, ['id', 'lyrics', 'caption']); w.writeheader(); w.writerows(recs)
-    elif fmt == 'jsonl': path.write_text(''.join(json.dumps(r, ensure_ascii=False) + '\n' for r in recs), encoding='utf-8')
+    elif fmt == 'jsonl':
+        path.write_text(''.join(json.dumps(r, ensure_ascii=False) + '\n' for r in recs), encoding='utf-8')
     else: path.write_text(json.dumps(recs, ensure_ascii=False), encoding='utf-8')
     songs = load_table(path)
     assert [(s.id, s.lyrics, s.caption) for s in songs] == [(r['id'], r['lyrics'], r['caption']) for r in recs]
@@ -45,6 +50,7 @@ def test_generic_table_round_trip_any_text(tmp_path, rows, fmt):
 
 @FAST
 @given(rows=st.lists(st.tuples(lyrics, lyrics), min_size=1, max_size=5))
+@example(rows=[('a\x1cb', 'c\u2029d')])
 def test_si_json_lines_any_text(tmp_path, rows):
     recs = [dict(music4all_id=f'm{i}', songmeanings_id=str(i), lyrics=l, comment=c) for i, (l, c) in enumerate(rows)]
     (tmp_path/'si.jsonl').write_text(''.join(json.dumps(r, ensure_ascii=False) + '\n' for r in recs), encoding='utf-8')

@@ -1,6 +1,7 @@
 """Bad input and interruptions, tried as a new user would (results/reliability.md lists them): every command answers
 with one line naming the input, a non-zero exit and no traceback; nothing finished is lost or overwritten."""
-import csv, hashlib, json, os, subprocess, sys
+import csv, hashlib, importlib.util, json, os, subprocess, sys
+from argparse import Namespace
 from pathlib import Path
 
 import numpy as np
@@ -9,13 +10,17 @@ import pytest
 import soundfile as sf
 import torch
 
-from alcap.data import demo_data_cli, make_demo, write_songs, load_songs
+from alcap.data import Song, demo_data_cli, load_songs, make_demo, write_songs
 from alcap.evaluate import eval_cli
 from alcap.music import SR, FeatureCache, MusicnnEncoder, extract_features, features_cli, tags_cli
 from alcap.train import TrainConfig, ensure_features, train, train_cli, validate
 
 ROOT = Path(__file__).resolve().parents[1]
-needs_musicnn = pytest.mark.skipif(__import__('importlib').util.find_spec('musicnn') is None, reason='musicnn wheel not installed')
+needs_musicnn = pytest.mark.skipif(importlib.util.find_spec('musicnn') is None, reason='musicnn wheel not installed')
+# a tiny random-init run: 30 songs, batch 4, a 4+4-layer BART of width 128
+TINY = dict(dataset='jsonl', method='alcap', alpha=0.1, model_size='tiny', text_init='random', vocab_size=300,
+            batch_size=4, epochs=1, lr=1e-3, max_source_len=128, max_target_len=64, num_beams=1, max_new_tokens=4,
+            val_generate_n=0, save_every=2)
 
 
 @pytest.fixture(scope='module')
@@ -24,22 +29,19 @@ def tiny_data(tmp_path_factory):
     d = tmp_path_factory.mktemp('data')
     songs = make_demo(d/'songs', n=30, seed=3, workers=1)
     cache = FeatureCache.create(d/'feats', 'musicnn-msd', dict(test=True), 12, 16)
-    cache.append([s.id for s in songs], np.random.default_rng(0).standard_normal((30, 12, 16)).astype(np.float16), [12] * 30)
+    h_m = np.random.default_rng(0).standard_normal((30, 12, 16)).astype(np.float16)
+    cache.append([s.id for s in songs], h_m, [12] * 30)
     return d
 
 
 def tiny_args(data, out, **kw):
     "alcap-train arguments of a tiny run on `tiny_data`."
-    base = dict(dataset='jsonl', data_dir=data/'songs', features_dir=data/'feats', method='alcap', alpha=0.1, model_size='tiny',
-                text_init='random', vocab_size=300, batch_size=4, epochs=1, lr=1e-3, max_source_len=128, max_target_len=64,
-                num_beams=1, max_new_tokens=4, val_generate_n=0, save_every=2, output_dir=out)
+    base = dict(TINY, data_dir=data/'songs', features_dir=data/'feats', output_dir=out)
     return [a for k, v in {**base, **kw}.items() for a in (f'--{k}', str(v))] + ['--quiet']
 
 
 def tiny_config(data, out, **kw):
-    base = dict(dataset='jsonl', data_dir=str(data/'songs'), features_dir=str(data/'feats'), method='alcap', alpha=0.1,
-                model_size='tiny', text_init='random', vocab_size=300, batch_size=4, epochs=1, lr=1e-3, max_source_len=128,
-                max_target_len=64, num_beams=1, max_new_tokens=4, val_generate_n=0, save_every=2, output_dir=str(out))
+    base = dict(TINY, data_dir=str(data/'songs'), features_dir=str(data/'feats'), output_dir=str(out))
     return TrainConfig(**{**base, **kw})
 
 
@@ -72,11 +74,9 @@ def tree_digest(folder):
 def test_training_notebook_exits_0_and_leaves_the_package_alone(tiny_data, tmp_path):
     "papermill runs a whole tiny training: exit 0, alcap/*.py untouched; and the run learned (the check moved here)."
     before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in (ROOT/'alcap').glob('*.py')}
-    params = dict(dataset='jsonl', data_dir=tiny_data/'songs', features_dir=tiny_data/'feats', alpha=0.1, model_size='tiny',
-                  text_init='random', vocab_size=300, batch_size=4, epochs=2, lr=1e-3, max_source_len=128, max_target_len=64,
-                  num_beams=1, max_new_tokens=4, val_generate_n=0, output_dir=tmp_path/'run')
-    cmd = [sys.executable, '-m', 'papermill', str(ROOT/'nbs'/'03_train.ipynb'), str(tmp_path/'out.ipynb'), '--no-progress-bar',
-           *[a for k, v in params.items() for a in ('-p', k, str(v))]]
+    params = dict(TINY, data_dir=tiny_data/'songs', features_dir=tiny_data/'feats', epochs=2, output_dir=tmp_path/'run')
+    cmd = [sys.executable, '-m', 'papermill', str(ROOT/'nbs'/'03_train.ipynb'), str(tmp_path/'out.ipynb'),
+           '--no-progress-bar', *[a for k, v in params.items() for a in ('-p', k, str(v))]]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert 'epoch 2/2' in r.stderr or (tmp_path/'run'/'summary.json').exists()
@@ -89,10 +89,10 @@ def test_training_notebook_exits_0_and_leaves_the_package_alone(tiny_data, tmp_p
 def test_training_notebook_run_stopped_by_max_steps_exits_0(tiny_data, tmp_path):
     "A run stopped by max_steps before its first epoch ends is a success too (no epoch log, no summary yet)."
     import papermill as pm
-    pm.execute_notebook(str(ROOT/'nbs'/'03_train.ipynb'), str(tmp_path/'out.ipynb'), cwd=str(tmp_path), progress_bar=False,
-                        parameters=dict(dataset='jsonl', data_dir=str(tiny_data/'songs'), features_dir=str(tiny_data/'feats'),
-                                        alpha=0.1, model_size='tiny', text_init='random', vocab_size=300, batch_size=4,
-                                        max_source_len=128, max_target_len=64, max_steps=2, output_dir=str(tmp_path/'run')))
+    params = dict(TINY, data_dir=str(tiny_data/'songs'), features_dir=str(tiny_data/'feats'), max_steps=2,
+                  output_dir=str(tmp_path/'run'))
+    pm.execute_notebook(str(ROOT/'nbs'/'03_train.ipynb'), str(tmp_path/'out.ipynb'), cwd=str(tmp_path),
+                        progress_bar=False, parameters=params)
     assert not (tmp_path/'run'/'summary.json').exists() and (tmp_path/'run'/'checkpoints'/'last.pt').exists()
 
 
@@ -107,7 +107,7 @@ def test_changed_audio_is_recomputed_and_refused_by_training(tmp_path):
     old = FeatureCache(tmp_path/'c')['a'].copy()
     tone(tmp_path/'a.wav', seconds=1.5, f0=900)  # other audio under the same id
     # training first: it must refuse features of the old audio
-    cfg = TrainConfig(dataset='jsonl', data_dir=str(tmp_path), features_dir=str(tmp_path/'c'), music_encoder='musicnn-msd')
+    cfg = TrainConfig(dataset='jsonl', data_dir=str(tmp_path), features_dir=str(tmp_path/'c'))
     with pytest.raises(ValueError, match='features of other audio'):
         ensure_features(cfg, songs)
     r = extract_features(songs, enc, tmp_path/'c', num_workers=0, progress=False)
@@ -159,15 +159,14 @@ def dying(x):
     return forward(x)
 enc.forward = dying
 d = Path({str(tmp_path)!r})
-songs = [Namespace(id='bad', audio_path=str(d/'bad.wav'))] + [Namespace(id=f's{{i}}', audio_path=str(d/f's{{i}}.wav')) for i in range(8)]
+songs = [Namespace(id=i, audio_path=str(d/f'{{i}}.wav')) for i in ['bad'] + [f's{{k}}' for k in range(8)]]
 extract_features(songs, enc, d/'c', batch_size=2, num_workers=0, progress=False, commit_every_s=0)
 '''
     r = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=300)
     assert r.returncode == 9, r.stderr[-2000:]
     assert len(FeatureCache(tmp_path/'c')) == 3  # batches 1 (bad + s0) and 2 (s1, s2) were committed
     with open(tmp_path/'c'/'failures.csv') as f: assert [row['id'] for row in csv.DictReader(f)] == ['bad']
-    from argparse import Namespace
-    songs = [Namespace(id='bad', audio_path=str(tmp_path/'bad.wav'))] + [Namespace(id=f's{i}', audio_path=str(tmp_path/f's{i}.wav')) for i in range(8)]
+    songs = [Namespace(id=i, audio_path=str(tmp_path/f'{i}.wav')) for i in ['bad'] + [f's{k}' for k in range(8)]]
     r = extract_features(songs, small_encoder(), tmp_path/'c', batch_size=2, num_workers=0, progress=False)
     assert (r['skipped'], r['done'], r['failed']) == (3, 5, 1)
 
@@ -273,15 +272,17 @@ def test_rerunning_a_finished_run_keeps_its_results(tiny_data, tmp_path):
 
 def make_run(root, rows, header='id,lyrics,reference,prediction'):
     root.mkdir(parents=True, exist_ok=True)
-    (root/'config.json').write_text(json.dumps(dict(dataset='demo', method='alcap', alpha=0.02, seed=0, text_init='random',
-                                                    music_encoder='musicnn-msd', hardware='test', command='test')))
+    cfg = dict(dataset='demo', method='alcap', alpha=0.02, seed=0, text_init='random', music_encoder='musicnn-msd',
+               hardware='test', command='test')
+    (root/'config.json').write_text(json.dumps(cfg))
     (root/'captions_test.csv').write_text(header + '\n' + ''.join(r + '\n' for r in rows))
     return root
 
 
 def test_eval_missing_captions_file(tmp_path, capsys):
     run = make_run(tmp_path/'r', ['a,la,x,y']); (run/'captions_test.csv').unlink()
-    one_line_error(capsys, eval_cli([str(run), '--out', str(tmp_path/'o'), '--no-retrieval']), 'alcap-eval', 'captions_test.csv: missing')
+    rc = eval_cli([str(run), '--out', str(tmp_path/'o'), '--no-retrieval'])
+    one_line_error(capsys, rc, 'alcap-eval', 'captions_test.csv: missing')
 
 
 @pytest.mark.parametrize('rows, needle', [(['a,la,x,y', 'b,la,x'], "row 3 has 3 fields, no 'prediction'"),
@@ -295,7 +296,8 @@ def test_eval_malformed_captions_rows_are_named(tmp_path, capsys, rows, needle):
 
 def test_eval_binary_captions_file(tmp_path, capsys):
     run = make_run(tmp_path/'r', []); (run/'captions_test.csv').write_bytes(b'\xff\xfe\x00garbage\x89')
-    one_line_error(capsys, eval_cli([str(run), '--out', str(tmp_path/'o'), '--no-retrieval']), 'alcap-eval', 'captions_test.csv')
+    rc = eval_cli([str(run), '--out', str(tmp_path/'o'), '--no-retrieval'])
+    one_line_error(capsys, rc, 'alcap-eval', 'captions_test.csv')
 
 
 def test_eval_empty_prediction_is_a_caption(tmp_path, capsys):
@@ -310,17 +312,18 @@ def test_eval_without_runs_keeps_tables_of_ours(tmp_path, capsys):
     before = tree_digest(tmp_path/'o'); capsys.readouterr()
     one_line_error(capsys, eval_cli(['--out', str(tmp_path/'o')]), 'alcap-eval', 'table1.csv holds scores of runs')
     assert tree_digest(tmp_path/'o') == before
-    assert eval_cli(['--out', str(tmp_path/'fresh')]) is None  # no tables of ours there: the placeholder tables are written
+    assert eval_cli(['--out', str(tmp_path/'fresh')]) is None  # no tables of ours there: placeholder tables written
 
 
 def test_features_cli_missing_folder(tmp_path, capsys):
-    one_line_error(capsys, features_cli(['--data', str(tmp_path/'nope'), '--out', str(tmp_path/'c')]), 'alcap-features', 'nope')
+    rc = features_cli(['--data', str(tmp_path/'nope'), '--out', str(tmp_path/'c')])
+    one_line_error(capsys, rc, 'alcap-features', 'nope')
 
 
 def test_features_cli_two_files_one_id(tmp_path, capsys):
     (tmp_path/'d').mkdir()
     tone(tmp_path/'d'/'a.wav'); tone(tmp_path/'d'/'b.wav')
-    write_songs([__import__('alcap.data', fromlist=['Song']).Song('x', 'la', audio_path=p) for p in ('a.wav', 'b.wav')], tmp_path/'d'/'metadata.jsonl')
+    write_songs([Song('x', 'la', audio_path=p) for p in ('a.wav', 'b.wav')], tmp_path/'d'/'metadata.jsonl')
     rc = features_cli(['--data', str(tmp_path/'d'), '--out', str(tmp_path/'c'), '--random-init', '--workers', '0'])
     one_line_error(capsys, rc, 'alcap-features', "song id 'x' names two audio files")
 
@@ -353,7 +356,8 @@ def test_demo_data_cli_refuses_another_demo(tmp_path, capsys):
 def test_demo_refuses_to_regenerate_another_seed(tmp_path, capsys):
     from alcap.demo import main
     make_demo(tmp_path/'d', n=6, seed=1, workers=1)
-    (tmp_path/'d'/'features'/'musicnn-msd').mkdir(parents=True); (tmp_path/'d'/'features'/'musicnn-msd'/'x').write_text('kept')
+    (tmp_path/'d'/'features'/'musicnn-msd').mkdir(parents=True)
+    (tmp_path/'d'/'features'/'musicnn-msd'/'x').write_text('kept')
     before = tree_digest(tmp_path/'d')
     rc = main(['--data', str(tmp_path/'d'), '--n', '6', '--results', str(tmp_path/'r'), '--stages', 'data'])
     one_line_error(capsys, rc, 'alcap-demo', "'seed': 1", '--regenerate')
@@ -382,3 +386,22 @@ def test_training_and_captioning_show_progress_with_time_left(tiny_data, tmp_pat
 def test_demo_data_cli_shows_progress(tmp_path, capsys):
     assert demo_data_cli(['--out', str(tmp_path/'d'), '--n', '4', '--workers', '1']) is None
     assert 'demo songs' in capsys.readouterr().err
+
+
+def test_papermill_training_progress_reaches_the_terminal(tiny_data, tmp_path):
+    "alcap-demo's way of running the training notebook: its progress bars (with time left) arrive on our stderr."
+    params = dict(dataset='jsonl', data_dir=str(tiny_data/'songs'), features_dir=str(tiny_data/'feats'), alpha=0.1,
+                  model_size='tiny', text_init='random', vocab_size=300, batch_size=4, epochs=1, max_source_len=128,
+                  max_target_len=64, num_beams=1, max_new_tokens=4, val_generate_n=0, output_dir=str(tmp_path/'run'))
+    script = f'from alcap.demo import run_training_notebook; run_training_notebook({str(tmp_path/"run")!r}, {params!r})'
+    r = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert 'epoch 1/1' in r.stderr and 'captions test' in r.stderr and '<' in r.stderr, r.stderr[-2000:]
+
+
+def test_a_failed_papermill_training_is_one_line(tmp_path):
+    from alcap.demo import run_training_notebook
+    with pytest.raises(ValueError) as e:
+        run_training_notebook(tmp_path/'run', dict(dataset='msd', output_dir=str(tmp_path/'run')))
+    msg = str(e.value)
+    assert "dataset='msd'" in msg and str(tmp_path/'run'/'train.ipynb') in msg and '\n' not in msg
