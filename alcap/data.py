@@ -181,8 +181,9 @@ def load_si_csvs(folder, name: str = 'full', lyrics_newline: str|None = ';') -> 
     return songs
 
 # %% ../nbs/00_data.ipynb #7739ce45
-SI_VARIANTS = {  # the authors' file names (df_{csv_name}_*.csv), the paper's name and its published train size (Table 1)
-    'si-full':      dict(csv_name='full',         paper_name='SI Full',       n_train=279_283, note='all interpretations'),
+# the authors' file names (df_{csv_name}_*.csv), the paper's name and its published train size (Table 1)
+SI_VARIANTS = {
+    'si-full':      dict(csv_name='full',         paper_name='SI Full',       n_train=279_283, note='all'),
     'si-votes-ge0': dict(csv_name='not_negative', paper_name='SI votes >= 0', n_train=265_360, note='votes >= 0'),
     'si-votes-gt0': dict(csv_name='positive',     paper_name='SI votes > 0',  n_train=49_736,  note='votes > 0'),
 }
@@ -194,7 +195,8 @@ def check_si_sizes(songs: Sequence[Song], dataset: str) -> dict:
     published = dict(train=SI_VARIANTS[dataset]['n_train'], test=SI_TEST_SIZE)
     for split, want in published.items():
         if n.get(split, 0) != want:
-            warnings.warn(f"{dataset}: your files hold {n.get(split, 0):,} {split} items, the paper's {split} split has {want:,}; "
+            warnings.warn(f"{dataset}: your files hold {n.get(split, 0):,} {split} items, "
+                          f"the paper's {split} split has {want:,}; "
                           "results on these files are not comparable with the paper's", stacklevel=2)
     return n
 

@@ -58,12 +58,14 @@ def evaluate_run(run_dir, model=DEFAULT_MODEL, ks=(5, 10, 20, 30), query_seed: i
     refs, preds = caps["reference"].tolist(), caps["prediction"].tolist()
     scores = compute_metrics(preds, refs)
     if retrieval:  # candidates are songs: the items of one song (same id) count as one, relevant to each of its queries
-        scores |= retrieval_scores(refs, preds, ks=ks, seed=query_seed, model=model, embed=embed, song_ids=caps["id"].tolist())
+        scores |= retrieval_scores(refs, preds, ks=ks, seed=query_seed, model=model, embed=embed,
+                                   song_ids=caps["id"].tolist())
     settings = {"rouge": "rouge_score, use_stemmer=False, BootstrapAggregator mid (numpy seed 0); F-measure, *_recall = mid.recall",
                 "meteor": "nltk single_meteor_score, alpha=0.9, beta=3, gamma=0.5, WordNet 3.0; mean over pairs",
                 "meteor_tokenizer": meteor_tokenizer_name(),
                 "retrieval_model": None if not retrieval else ("custom embed" if embed else str(model)),
-                "retrieval_query_seed": query_seed, "retrieval_candidates": f"songs ({caps['id'].nunique()} distinct ids)", "ks": list(ks)}
+                "retrieval_query_seed": query_seed, "retrieval_candidates": f"songs ({caps['id'].nunique()} ids)",
+                "ks": list(ks)}
     out = {"run": str(Path(run_dir)), "config": cfg, "n_items": len(caps), "n_scored": len(preds), "metrics": scores, "settings": settings}
     atomic_write(Path(run_dir)/"metrics.json", json.dumps(out, indent=2))
     return out
@@ -94,8 +96,8 @@ TABLE2 = {f"{m}@{k}": f"{m}@{k}" for m in "pr" for k in (5, 10, 20, 30)}
 PAPER = "paper (He et al., ALCAP)"
 PAPER_COLUMNS = ("table", "dataset", "method", "reference")
 PROVENANCE = ["data", "seeds", "initialisation", "music_encoder", "hardware"]
-PAPER_METRICS = {1: ("rouge1", "rouge2", "rougeL", "meteor"), 2: tuple(TABLE2)}  # columns of a paper-numbers CSV, as printed
-PAPER_AS = {"rouge1": "rouge1_recall", "rouge2": "rouge2_recall", "rougeL": "rougeL_recall"}  # the printed ROUGE is recall
+PAPER_METRICS = {1: ("rouge1", "rouge2", "rougeL", "meteor"), 2: tuple(TABLE2)}  # a paper-numbers CSV's columns
+PAPER_AS = {"rouge1": "rouge1_recall", "rouge2": "rouge2_recall", "rougeL": "rougeL_recall"}  # printed ROUGE: recall
 DATASET_NAMES = {**{k: v["paper_name"] for k, v in SI_VARIANTS.items()}, "ncm": "NCM Review"}  # ours -> the paper's
 METHOD_NAMES = {"bart": "BART", "bart-fusion": "BART-fusion", "alcap": "ALCAP"}
 
@@ -118,7 +120,8 @@ def _paper_csv(path, keys) -> list[tuple]:
         values = {}
         for c in df.columns:
             if c in PAPER_COLUMNS or r[c].strip() == "": continue
-            if c.removesuffix("_std") not in PAPER_METRICS[int(r["table"])]: raise ValueError(f"{where}: field {c!r} is not a Table {r['table']} metric")
+            if c.removesuffix("_std") not in PAPER_METRICS[int(r["table"])]:
+                raise ValueError(f"{where}: field {c!r} is not a Table {r['table']} metric")
             try: v = float(r[c])
             except ValueError: raise ValueError(f"{where}: field {c!r} is not a number: {r[c]!r}") from None
             if not 0 <= v <= 100: raise ValueError(f"{where}: field {c!r} = {v} is outside [0, 100] (scores are x100)")
@@ -132,14 +135,16 @@ def _our_column(c: str) -> str:
     return PAPER_AS.get(m, m) + c[len(m):]
 
 def read_paper_numbers(path, std=None) -> list[dict]:
-    "The paper's published rows from a CSV (x100, as printed), with the printed \"±\" from `std` (a CSV keyed by table, dataset, method)."
+    "The paper's rows from a CSV (x100, as printed), with the \"±\" of `std` (keyed by table, dataset, method)."
     rows = {}
     for where, table, dataset, method, ref, values in _paper_csv(path, PAPER_COLUMNS):
-        note = f"published: {ref}" + ("; its ROUGE is recall (the authors' evaluator.py), so it sits under R" if table == 1 else "")
+        why = "; its ROUGE is recall (the authors' evaluator.py), so it sits under R" if table == 1 else ""
+        note = f"published: {ref}{why}"
         rows[(table, dataset, method)] = dict(table=table, dataset=dataset, method=method, note=note,
                                               **{_our_column(c): v for c, v in values.items()})
     for where, table, dataset, method, _, values in ([] if std is None else _paper_csv(std, PAPER_COLUMNS[:3])):
-        if (table, dataset, method) not in rows: raise ValueError(f"{where}: no row for table {table}, {dataset}, {method} in {path}")
+        if (table, dataset, method) not in rows:
+            raise ValueError(f"{where}: no row for table {table}, {dataset}, {method} in {path}")
         rows[(table, dataset, method)].update({_our_column(c): v for c, v in values.items()})
     return list(rows.values())
 
@@ -148,18 +153,23 @@ def table_frame(agg: pd.DataFrame, metrics: dict, table: int, paper_rows: list[d
     "Rows of ours (mean, std x100, provenance) and the paper's, each next to its dataset and method, or a placeholder."
     rows = []
     for _, a in agg.iterrows():
-        row = dict(source="ours", dataset=DATASET_NAMES.get(a["dataset"], a["dataset"]), method=METHOD_NAMES.get(a["method"], a["method"]),
+        row = dict(source="ours", dataset=DATASET_NAMES.get(a["dataset"], a["dataset"]),
+                   method=METHOD_NAMES.get(a["method"], a["method"]),
                    alpha=a["alpha"], n_seeds=a["n_seeds"],
                    data=f"{a['dataset']} test split, {a['n_items']} items scored", seeds=a["seeds"], initialisation=a["text_init"],
                    music_encoder=a["music_encoder"], hardware=a["hardware"], command=a["command"])
         for m in metrics: row[m], row[f"{m}_std"] = 100 * a.get(m, np.nan), 100 * a.get(f"{m}_std", np.nan)
         row["note"] = "random text init: not comparable with the paper's pretrained BART" if str(a["text_init"]).startswith("random") else ""
         rows.append(row)
-    paper = [dict(source=PAPER, **{k: v for k, v in r.items() if k != "table"}) for r in paper_rows if r.get("table") == table]
+    paper = [dict(source=PAPER, **{k: v for k, v in r.items() if k != "table"})
+             for r in paper_rows if r.get("table") == table]
     order = {v: i for i, v in enumerate([*DATASET_NAMES.values(), *METHOD_NAMES.values()])}
     # the paper's order of datasets and methods; a paper row right after ours for the same cell (the sort is stable)
-    rows = sorted(rows + paper, key=lambda r: (order.get(r["dataset"], len(order)), r["dataset"], order.get(r["method"], len(order))))
-    if not paper: rows.append(dict(source=PAPER, note="paper values not filled in: pass alcap-eval --paper FILE (see results/paper_numbers.csv)"))
+    rows = sorted(rows + paper, key=lambda r: (order.get(r["dataset"], len(order)), r["dataset"],
+                                               order.get(r["method"], len(order))))
+    if not paper:
+        missing = "paper values not filled in: pass alcap-eval --paper FILE (see results/paper_numbers.csv)"
+        rows.append(dict(source=PAPER, note=missing))
     cols = ["source", "dataset", "method", "alpha", "n_seeds", *[c for m in metrics for c in (m, f"{m}_std")], *PROVENANCE, "command", "note"]
     return pd.DataFrame(rows).reindex(columns=cols)
 
@@ -182,11 +192,15 @@ def table_markdown(df: pd.DataFrame, metrics: dict, title: str, command: str) ->
         lines.append("| " + " | ".join(_cell(v) for v in vals) + " |")
     ours = (df["source"] == "ours").any()
     notes = [f"# {title}", "",
-             "Scores x100. ROUGE F: F-measure as Hugging Face `evaluate` computes it by default (rouge_score, no stemmer, "
-             "bootstrap mid). ROUGE R: recall (`mid.recall`), what the authors' evaluator.py reports; the paper calls its "
-             "metrics Hugging Face's defaults, but its ROUGE numbers come from that code, so the paper's rows sit under R. "
+             "Scores x100. ROUGE F: F-measure as Hugging Face `evaluate` computes it by default (rouge_score, "
+             "no stemmer, "
+             "bootstrap mid). ROUGE R: recall (`mid.recall`), what the authors' evaluator.py reports; "
+             "the paper calls its "
+             "metrics Hugging Face's defaults, but its ROUGE numbers come from that code, so the paper's rows "
+             "sit under R. "
              "METEOR: NLTK, alpha 0.9, beta 3, gamma 0.5, WordNet 3.0. p@k / r@k: text-to-music retrieval with "
-             "all-MiniLM-L6-v2 unless the run's metrics.json says otherwise, over test songs (items of one song count as "
+             "all-MiniLM-L6-v2 unless the run's metrics.json says otherwise, over test songs (items of one song "
+             "count as "
              "one); p@k = r@k / k.",
              "Mean ± sample std over seeds. Rows whose source is the paper are the published numbers, not ours.", "",
              f"Made by: `{command}`", ""]
@@ -216,7 +230,8 @@ def eval_cli(argv=None):
     p.add_argument("--query-seed", type=int, default=0, help="seed choosing each reference's query sentence")
     p.add_argument("--no-retrieval", action="store_true", help="skip Table 2's retrieval scores")
     p.add_argument("--paper", help="CSV of the paper's published rows to put beside ours (see results/paper_numbers.csv)")
-    p.add_argument("--paper-std", help="CSV of the \"±\" the paper prints, keyed by table, dataset, method (results/paper_numbers_std.csv)")
+    p.add_argument("--paper-std", help="CSV of the \"±\" the paper prints, keyed by table, dataset, method "
+                                       "(results/paper_numbers_std.csv)")
     args = p.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
     if not args.runs:

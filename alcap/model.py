@@ -184,7 +184,8 @@ class AlcapForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, music_features=None, music_attention_mask=None,
                 song_ids=None, decoder_input_ids=None, decoder_attention_mask=None, encoder_outputs=None, cache=None,
-                use_cache=None, output_fusion_attentions=False, num_items_in_batch=None, past_key_values=None, **kwargs):
+                use_cache=None, output_fusion_attentions=False, num_items_in_batch=None, past_key_values=None,
+                **kwargs):
         cache = cache if cache is not None else past_key_values   # generate() of transformers < 5.2x uses the old name
         if labels is not None and decoder_input_ids is None:
             decoder_input_ids = shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
@@ -230,7 +231,7 @@ class AlcapForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
         missing, unexpected = model.load_state_dict(src.state_dict(), strict=False)
         if unexpected or [k for k in missing if not k.startswith(('fusion', 'contrast'))]:
             raise RuntimeError(f"BART weights from {bart!r} do not fit: missing {missing}, unexpected {unexpected}")
-        model.generation_config = copy.deepcopy(src.generation_config)  # the checkpoint's generation settings, not defaults
+        model.generation_config = copy.deepcopy(src.generation_config)  # the checkpoint's settings, not defaults
         return model
 
     @classmethod

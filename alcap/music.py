@@ -38,16 +38,18 @@ def _resampler(orig: int, new: int) -> torchaudio.transforms.Resample:
 
 # %% ../nbs/01_music.ipynb #49918d44
 def load_npz_audio(path, key: str = 'a', sr: int = SR) -> tuple[np.ndarray, int]:
-    "A waveform saved as the authors' `audio_arrs_15_16000/{id}.npz`: (samples, 1) float32 and its rate (16 kHz, as the folder says)."
+    "The authors' `audio_arrs_15_16000/{id}.npz` waveform: (samples, 1) float32 and its rate (16 kHz, the folder's)."
     try:
         with np.load(path, allow_pickle=False) as z:
-            if key not in z.files: raise AudioError(f"{path}: no array {key!r} (has {z.files}); the authors' waveform files hold it under 'a'")
+            if key not in z.files:
+                raise AudioError(f"{path}: no array {key!r} (has {z.files}); the authors' waveforms are under 'a'")
             y = np.asarray(z[key])
     except AudioError: raise
     except Exception as e: raise AudioError(f'{path}: cannot read npz ({type(e).__name__}: {e})') from e
     if y.ndim == 2 and 1 in y.shape: y = y.reshape(-1)  # (1, N) or (N, 1)
     if y.ndim != 1 or not np.issubdtype(y.dtype, np.floating):
-        raise AudioError(f'{path}: {y.dtype} array of shape {y.shape} under {key!r} is not a mono waveform (an embedding file?)')
+        raise AudioError(f'{path}: {y.dtype} array of shape {y.shape} under {key!r} is not a mono waveform '
+                         '(an embedding file?)')
     return y.astype(np.float32)[:, None], sr
 
 # %% ../nbs/01_music.ipynb #8bed205e
@@ -644,7 +646,7 @@ def features_cli(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if any(x.split('=')[0] == '--from-npz' for x in argv): return npz_import_cli(argv)  # import, nothing to extract
     p = argparse.ArgumentParser(prog='alcap-features', description='Precompute frozen music features h_m for a dataset.')
-    p.add_argument('--from-npz', metavar='DIR', help="import precomputed h_m (DIR/{id}.npz, array 'a') instead: see npz_import_cli")
+    p.add_argument('--from-npz', metavar='DIR', help="import precomputed h_m (DIR/{id}.npz, array 'a'): npz_import_cli")
     p.add_argument('--data', required=True, help='dataset folder (metadata.jsonl + audio/) or a folder of audio files')
     p.add_argument('--encoder', default='musicnn-msd', choices=ENCODERS)
     p.add_argument('--checkpoint', help="cnnsa: the authors' model_cnnsa.pth")
@@ -681,7 +683,7 @@ def read_npz_embedding(path, key: str = 'a', shape=None) -> np.ndarray:
 
 # %% ../nbs/01_music.ipynb #6a3fc400
 def import_npz_features(src, out, encoder: str = 'cnnsa', key: str = 'a', shard_mb: float = 64) -> dict:
-    "Import `src/{id}.npz` embeddings into the FeatureCache at `out` as `encoder`'s h_m; resumable; bad files are left out."
+    "Import `src/{id}.npz` into the FeatureCache at `out` as `encoder`'s h_m; resumable; bad files are left out."
     src = Path(src)
     if encoder not in ENCODERS: raise ValueError(f'encoder must be one of {ENCODERS}, not {encoder!r}')
     if not src.is_dir(): raise FileNotFoundError(f'{src}: no such folder')
@@ -702,7 +704,9 @@ def import_npz_features(src, out, encoder: str = 'cnnsa', key: str = 'a', shard_
         try: h = read_npz_embedding(f, key, shape)
         except ValueError as e: failures.append((f.stem, str(f), str(e))); continue
         buf[0].append(f.stem); buf[1].append(h); done += 1
-        if len(buf[0]) >= rows_per_shard: cache.append(buf[0], np.stack(buf[1]), [shape[0]] * len(buf[0])); buf = ([], [])
+        if len(buf[0]) >= rows_per_shard:
+            cache.append(buf[0], np.stack(buf[1]), [shape[0]] * len(buf[0]))
+            buf = ([], [])
     if buf[0]: cache.append(buf[0], np.stack(buf[1]), [shape[0]] * len(buf[0]))  # the authors' h_m has no padded frames
     _write_failures(Path(out) / 'failures.csv', failures)
     return dict(done=done, skipped=skipped, failed=len(failures), failures=failures)
@@ -710,9 +714,11 @@ def import_npz_features(src, out, encoder: str = 'cnnsa', key: str = 'a', shard_
 # %% ../nbs/01_music.ipynb #0f204c3c
 def npz_import_cli(argv=None):
     "`alcap-features --from-npz DIR [--encoder cnnsa] --out DIR`: import precomputed h_m instead of extracting it."
-    p = argparse.ArgumentParser(prog='alcap-features --from-npz', description="Import precomputed h_m files ({id}.npz) into a feature cache.")
-    p.add_argument('--from-npz', dest='src', required=True, metavar='DIR', help="folder of {id}.npz, e.g. the authors' audio_embs_15_16000")
-    p.add_argument('--encoder', default='cnnsa', choices=ENCODERS, help='the encoder that made them (cnnsa for the authors\' files)')
+    p = argparse.ArgumentParser(prog='alcap-features --from-npz',
+                                description="Import precomputed h_m files ({id}.npz) into a feature cache.")
+    p.add_argument('--from-npz', dest='src', required=True, metavar='DIR',
+                   help="folder of {id}.npz, e.g. the authors' audio_embs_15_16000")
+    p.add_argument('--encoder', default='cnnsa', choices=ENCODERS, help="the encoder that made them")
     p.add_argument('--key', default='a', help="the array's name in each file")
     p.add_argument('--out', required=True)
     a = p.parse_args(argv)

@@ -59,7 +59,8 @@ def cosine_matrix(a, b) -> np.ndarray:
 def true_song_ranks(sim, tie_tol: float = 1e-5, song_ids=None) -> np.ndarray:
     "1-based rank of item i's song for query i (row i) among the songs; songs tied with it count as ranked ahead of it."
     sim = np.asarray(sim, dtype=np.float64)
-    if sim.ndim != 2 or sim.shape[0] != sim.shape[1]: raise ValueError(f"sim must be square (queries x items), got {sim.shape}")
+    if sim.ndim != 2 or sim.shape[0] != sim.shape[1]:
+        raise ValueError(f"sim must be square (queries x items), got {sim.shape}")
     if song_ids is None: song_ids = np.arange(len(sim))  # every item its own song
     if len(song_ids) != len(sim): raise ValueError(f"{len(song_ids)} song ids for {len(sim)} items")
     _, song = np.unique(np.asarray(song_ids).astype(str), return_inverse=True)

@@ -36,9 +36,10 @@ PRESETS = {
                  max_source_len=128, max_target_len=128, num_beams=4, max_new_tokens=128, eval_every=1, val_generate_n=8, vocab_size=3000,
                  fusion_scale=0.1, do_sample=False, top_p=0.92),
     # the paper: pretrained bart-base, batch 26, lr 5e-5, 20 epochs, 512 tokens; generation as the authors' model.py:
-    # generate(max_length=512, early_stopping=True, do_sample=True, num_beams=4, top_p=0.92) (num_beams from run_eval.py)
+    # generate(max_length=512, early_stopping=True, do_sample=True, num_beams=4, top_p=0.92), num_beams from run_eval.py
     'si': dict(text_init='pretrained', model_size='base', epochs=20, batch_size=26, lr=5e-5, warmup_steps=0, schedule='constant',
-               max_source_len=512, max_target_len=512, num_beams=4, max_length=512, early_stopping=True, do_sample=True, top_p=0.92,
+               max_source_len=512, max_target_len=512, num_beams=4, max_length=512, early_stopping=True, do_sample=True,
+               top_p=0.92,
                eval_every=1, val_generate_n=200, vocab_size=None, fusion_scale=0.1),
 }
 
@@ -46,9 +47,10 @@ PRESETS = {
 @dataclass
 class TrainConfig:
     "Every parameter of a training run (None: the dataset preset's value)."
-    dataset: str = 'demo'                 # 'demo', 'si-full', 'si-votes-ge0', 'si-votes-gt0', 'ncm' (an NCM-style CSV), or 'jsonl' (any folder with metadata.jsonl)
+    dataset: str = 'demo'                 # 'demo', 'si-full', 'si-votes-ge0', 'si-votes-gt0', 'ncm' (an NCM-style CSV),
+                                          # or 'jsonl' (any folder with metadata.jsonl)
     data_dir: str|None = None             # None: data/demo for the demo (generated if absent)
-    csv_name: str|None = None             # SI: read df_{csv_name}_{train,val}.csv (None: the authors' name); ncm: {csv_name}.csv (None: ncm)
+    csv_name: str|None = None             # SI: df_{csv_name}_{train,val}.csv (None: the authors'); ncm: {csv_name}.csv
     demo_n: int|None = None               # demo only: its number of songs (None: what data_dir holds, else 800)
     method: str = 'alcap'                 # 'bart' (lyrics only), 'bart-fusion' (alpha = 0), 'alcap'
     alpha: float = 0.02                   # weight of L_contrast (must be 0 for bart and bart-fusion)
@@ -85,7 +87,7 @@ class TrainConfig:
     max_new_tokens: int|None = None       # caption tokens; wins over max_length when both are set
     max_length: int|None = None           # decoder length including the start token (the original: 512)
     min_length: int|None = None
-    do_sample: bool|None = None           # the original's stochastic beam sampling: do_sample=True, top_p=0.92 (SI preset)
+    do_sample: bool|None = None           # the original's beam sampling: do_sample=True, top_p=0.92 (SI preset)
     top_p: float|None = None
     early_stopping: bool|None = None
     no_repeat_ngram_size: int|None = None
@@ -143,15 +145,17 @@ def validate(c: TrainConfig, check_files: bool = True) -> TrainConfig:
     if c.method == 'alcap' and c.alpha == 0: raise ValueError("parameter alpha=0 with method='alcap': alpha = 0 is method 'bart-fusion'")
     if c.method != 'alcap' and c.alpha != 0: raise ValueError(f"parameter alpha={c.alpha} with method={c.method!r}: only 'alcap' has a contrastive term; pass alpha 0")
     for k in ('tau', 'lr', 'top_p', 'fusion_scale'):
-        if getattr(c, k) is not None and not getattr(c, k) > 0: raise ValueError(f"parameter {k}={getattr(c, k)!r}: must be > 0")
+        if getattr(c, k) is not None and not getattr(c, k) > 0:
+            raise ValueError(f"parameter {k}={getattr(c, k)!r}: must be > 0")
     for k in ('epochs', 'batch_size', 'max_source_len', 'max_target_len', 'num_beams', 'eval_every', 'save_every'):
         v = getattr(c, k)
         if not (isinstance(v, int) and v >= 1): raise ValueError(f"parameter {k}={v!r}: must be a positive integer")
     for k in ('max_new_tokens', 'max_length', 'min_length', 'no_repeat_ngram_size'):
         v = getattr(c, k)
-        if v is not None and not (isinstance(v, int) and v >= 0): raise ValueError(f"parameter {k}={v!r}: must be None or an integer >= 0")
+        if v is not None and not (isinstance(v, int) and v >= 0):
+            raise ValueError(f"parameter {k}={v!r}: must be None or an integer >= 0")
     if c.max_new_tokens is None and c.max_length is None:  # else generate() would stop at transformers' default of 20
-        raise ValueError("parameters max_new_tokens=None and max_length=None: set one, e.g. max_length 512 as the original")
+        raise ValueError("parameters max_new_tokens=None and max_length=None: set one (the original: max_length 512)")
     if c.max_steps is not None and c.max_steps < 1:
         raise ValueError(f"parameter max_steps={c.max_steps!r}: must be a positive integer")
     _choice('best_metric', c.best_metric, BEST_METRICS)
@@ -222,7 +226,8 @@ def load_dataset_songs(c: TrainConfig) -> list[Song]:
         return ensure_demo_data(c.data_dir, n=c.demo_n or held or 800, seed=m.get('seed', 0))
     if c.dataset == 'jsonl': songs = load_songs(c.data_dir)
     elif (Path(c.data_dir)/'metadata.jsonl').exists(): songs = load_songs(c.data_dir)
-    elif c.dataset == 'ncm': songs = load_ncm_csv(Path(c.data_dir)/f"{c.csv_name or 'ncm'}.csv", audio_dir=Path(c.data_dir)/'audio')
+    elif c.dataset == 'ncm':
+        songs = load_ncm_csv(Path(c.data_dir)/f"{c.csv_name or 'ncm'}.csv", audio_dir=Path(c.data_dir)/'audio')
     else:
         songs = load_si_csvs(c.data_dir, c.csv_name or SI_VARIANTS[c.dataset]['csv_name'])
         check_si_sizes(songs, c.dataset)
@@ -257,7 +262,8 @@ def _encoder_layers(bart) -> int:
     "Encoder depth of a BART checkpoint (6, bart-base's, when its config cannot be read: `from_bart` then says why)."
     from transformers import AutoConfig
     from alcap.data import hub_reachable
-    try: return AutoConfig.from_pretrained(bart, local_files_only=not Path(bart).is_dir() and not hub_reachable()).encoder_layers
+    local_only = not Path(bart).is_dir() and not hub_reachable()
+    try: return AutoConfig.from_pretrained(bart, local_files_only=local_only).encoder_layers
     except (OSError, ValueError): return 6
 
 def build_model(c: TrainConfig, tokenizer, d_music: int|None):
@@ -329,9 +335,9 @@ GENERATION_PARAMS = ('num_beams', 'max_new_tokens', 'max_length', 'min_length', 
 
 def generation_kwargs(c: TrainConfig, model) -> dict:
     "`generate()`'s settings: the run's parameters where set, else what the model's generation_config set explicitly."
-    own = model.generation_config.to_diff_dict()  # a pretrained checkpoint's own settings (transformers' defaults left out)
+    own = model.generation_config.to_diff_dict()  # a checkpoint's own settings (transformers' defaults left out)
     kw = {k: getattr(c, k) if getattr(c, k) is not None else own.get(k) for k in GENERATION_PARAMS}
-    if kw['max_new_tokens'] is not None: kw['max_length'] = None  # max_new_tokens wins; passing both makes generate() warn
+    if kw['max_new_tokens'] is not None: kw['max_length'] = None  # max_new_tokens wins; both make generate() warn
     if not kw['do_sample']: kw['top_p'] = None                    # top_p only shapes sampling
     return {k: v for k, v in kw.items() if v is not None}
 
@@ -555,8 +561,10 @@ def train(c: TrainConfig, command: str|None = None, progress: bool = True, log_e
     if ctx.main and not resumed:
         meta = dict(parameters=params, text_init=model.config.text_init, tokenizer=tokenizer.alcap_source, dataset=c.dataset,
                     method=c.method, alpha=c.alpha, seed=c.seed, music_encoder='none' if c.method == 'bart' else c.music_encoder,
-                    n_test=len(split['test']), data_manifest=data_manifest(c.data_dir), generation=generation_settings(c, model),
-                    features=None if features is None else dict(path=str(features.path), encoder=features.encoder_name, config=features.config),
+                    n_test=len(split['test']), data_manifest=data_manifest(c.data_dir),
+                    generation=generation_settings(c, model),
+                    features=None if features is None else dict(path=str(features.path), encoder=features.encoder_name,
+                                                                  config=features.config),
                     n_params=sum(p.numel() for p in model.parameters()), world_size=ctx.world, hardware=hardware(),
                     torch=torch.__version__, command=command or 'alcap.train.train(...)', started=time.strftime('%Y-%m-%d %H:%M:%S'))
         atomic_write(out/'config.json', json.dumps(meta, indent=1))

@@ -139,7 +139,7 @@ def test_batched_beam_search_is_deterministic_and_uses_music():
     assert not torch.allclose(other.sequences_scores, out.sequences_scores)
 
 def test_decoder_cache_is_returned_and_used():
-    "The key/value cache goes in and out under the installed transformers' name (`cache`, `past_key_values` before 5.2x)."
+    "The key/value cache goes in and out under the installed transformers' name (`cache`; `past_key_values` before)."
     from alcap.model import CACHE_NAME
     m, b = make('alcap', fusion_scale=1.0), make_batch()
     dec = torch.randint(3, 99, (4, 6), generator=torch.Generator().manual_seed(1))
@@ -189,7 +189,8 @@ def test_from_bart_keeps_the_checkpoints_generation_config(tmp_path):
     "A fresh model from the config would generate with transformers' defaults, not the checkpoint's settings."
     torch.manual_seed(0)
     bart = BartForConditionalGeneration(tiny_bart_config(99, d_model=32, heads=4, ffn=64)).eval()
-    bart.generation_config.update(no_repeat_ngram_size=2, num_beams=3, early_stopping=True, length_penalty=2.0, forced_bos_token_id=0)
+    bart.generation_config.update(no_repeat_ngram_size=2, num_beams=3, early_stopping=True, length_penalty=2.0,
+                                  forced_bos_token_id=0)
     bart.save_pretrained(tmp_path / 'bart')
     assert (tmp_path / 'bart' / 'generation_config.json').exists()
     m = AlcapForConditionalGeneration.from_bart(str(tmp_path / 'bart'), 'bart-fusion', fusion_layers=[1], d_music=D_M).eval()

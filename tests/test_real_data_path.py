@@ -20,7 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
 WORDS = ("love night river fire rain home road heart light dream city sky summer winter war peace friend mother "
          "dance money god time freedom ocean stars broken alone together").split()
 # the checkpoint's own generation settings: none of them is transformers' default
-CHECKPOINT_GENERATION = dict(num_beams=3, no_repeat_ngram_size=2, length_penalty=0.6, forced_bos_token_id=0, forced_eos_token_id=2)
+CHECKPOINT_GENERATION = dict(num_beams=3, no_repeat_ngram_size=2, length_penalty=0.6, forced_bos_token_id=0,
+                             forced_eos_token_id=2)
 QUICK = ['--epochs', '1', '--batch_size', '8', '--max_source_len', '64', '--max_target_len', '48', '--max_length', '24',
          '--val_generate_n', '0', '--quiet']
 
@@ -40,7 +41,7 @@ def write_csv(path, rows, cols):
 
 
 def build_si(root: Path, rng) -> dict:
-    "40 songs in the authors' layout: metadata CSVs of the three variants, audio_embs/audio_arrs npz, one Music4All mp3."
+    "40 songs in the authors' layout: the variants' metadata CSVs, audio_embs/audio_arrs npz, one Music4All mp3."
     ids = [f'm4a{i:03d}{"".join(rng.choice(list("abcdefgh"), 5))}' for i in range(40)]
     song_lyrics = {s: lyrics(rng) for s in ids}
     test_ids, rest = ids[:8], ids[8:]
@@ -59,7 +60,8 @@ def build_si(root: Path, rng) -> dict:
     for s in ids: np.savez(embs/f'{s}.npz', a=rng.standard_normal((119, 256)).astype(np.float32))
     np.savez(embs/'stray.npz', a=np.zeros((60, 256), np.float32))  # a broken download: reported, not imported
     t = np.arange(15 * 16000) / 16000
-    for k, s in enumerate(ids[:3]): np.savez(arrs/f'{s}.npz', a=(0.3 * np.sin(2 * np.pi * 220 * (k + 1) * t)).astype(np.float32))
+    for k, s in enumerate(ids[:3]):
+        np.savez(arrs/f'{s}.npz', a=(0.3 * np.sin(2 * np.pi * 220 * (k + 1) * t)).astype(np.float32))
     import soundfile as sf
     sf.write(audio/f'{ids[0]}.mp3', (0.3 * np.sin(2 * np.pi * 440 * t[:32000])).astype(np.float32), 16000)
     return dict(ids=ids, meta=meta, embs=embs, arrs=arrs, audio=audio, texts=[*song_lyrics.values()])
@@ -72,8 +74,8 @@ def build_bart(folder: Path, texts) -> None:
     tok = train_bpe_tokenizer(texts + [f'I think this song is about {w}.' for w in WORDS], vocab_size=300)
     tok.save_pretrained(folder)
     torch.manual_seed(0)
-    cfg = tiny_bart_config(len(tok), d_model=32, layers=3, heads=2, ffn=64, max_positions=130, pad_token_id=1, bos_token_id=0,
-                           eos_token_id=2, decoder_start_token_id=2)
+    cfg = tiny_bart_config(len(tok), d_model=32, layers=3, heads=2, ffn=64, max_positions=130, pad_token_id=1,
+                           bos_token_id=0, eos_token_id=2, decoder_start_token_id=2)
     bart = BartForConditionalGeneration(cfg)
     bart.generation_config.update(**CHECKPOINT_GENERATION)
     bart.save_pretrained(folder)
@@ -98,14 +100,16 @@ def world(tmp_path_factory):
     # training through alcap-train's code, with generate() watched
     calls, original = out['generate_calls'], AlcapForConditionalGeneration.generate
     def spy(self, *a, **kw):
-        calls.append(dict(kw={k: v for k, v in kw.items() if not hasattr(v, 'shape')}, config=self.generation_config.to_dict()))
+        settings = {k: v for k, v in kw.items() if not hasattr(v, 'shape')}  # not the tensors
+        calls.append(dict(kw=settings, config=self.generation_config.to_dict()))
         return original(self, *a, **kw)
-    common = ['--dataset', 'si-votes-gt0', '--data_dir', str(si['meta']), '--text_init', 'pretrained', '--text_model', str(bart),
-              '--music_encoder', 'cnnsa', '--features_dir', str(feats), *QUICK]
+    common = ['--dataset', 'si-votes-gt0', '--data_dir', str(si['meta']), '--text_init', 'pretrained',
+              '--text_model', str(bart), '--music_encoder', 'cnnsa', '--features_dir', str(feats), *QUICK]
     with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')
         mp.setattr(AlcapForConditionalGeneration, 'generate', spy)
-        for method, alpha, extra in (('bart', '0', ['--do_sample', 'false']), ('bart-fusion', '0', []), ('alcap', '0.02', [])):
+        methods = (('bart', '0', ['--do_sample', 'false']), ('bart-fusion', '0', []), ('alcap', '0.02', []))
+        for method, alpha, extra in methods:
             run = root/'runs'/f'si-votes-gt0_{method}_s0'
             train_cli(common + ['--method', method, '--alpha', alpha, '--seed', '0', '--output_dir', str(run), *extra])
             out['runs'][method] = run
@@ -114,30 +118,33 @@ def world(tmp_path_factory):
     # once through the notebook, as `papermill nbs/03_train.ipynb ... -p ...` (a second ALCAP seed)
     import papermill as pm
     nb_run = root/'runs'/'si-votes-gt0_alcap_s1'
-    params = dict(dataset='si-votes-gt0', data_dir=str(si['meta']), text_init='pretrained', text_model=str(bart), music_encoder='cnnsa',
-                  features_dir=str(feats), method='alcap', alpha=0.02, seed=1, epochs=1, batch_size=8, max_source_len=64,
-                  max_target_len=48, max_length=24, val_generate_n=0, output_dir=str(nb_run))
+    params = dict(dataset='si-votes-gt0', data_dir=str(si['meta']), text_init='pretrained', text_model=str(bart),
+                  music_encoder='cnnsa', features_dir=str(feats), method='alcap', alpha=0.02, seed=1, epochs=1,
+                  batch_size=8, max_source_len=64, max_target_len=48, max_length=24, val_generate_n=0,
+                  output_dir=str(nb_run))
     pm.execute_notebook(str(REPO/'nbs'/'03_train.ipynb'), str(root/'train_s1.ipynb'), parameters=params, cwd=str(REPO),
                         progress_bar=False, log_output=False)
     out['runs']['alcap_s1'] = nb_run
 
     # an NCM-style CSV through the same path
     ncm = root/'ncm'; ncm.mkdir()
-    nrows = [[f'ncm{i:02d}', f'Title {i}', 'Artist', lyrics(rng), comment(rng), 'train' if i < 10 else 'val' if i < 12 else 'test']
-             for i in range(15)]
+    split = lambda i: 'train' if i < 10 else 'val' if i < 12 else 'test'
+    nrows = [[f'ncm{i:02d}', f'Title {i}', 'Artist', lyrics(rng), comment(rng), split(i)] for i in range(15)]
     write_csv(ncm/'ncm.csv', nrows, ['id', 'title', 'artist', 'lyrics', 'review', 'split'])
     nembs = ncm/'audio_embs'; nembs.mkdir()
     for r in nrows: np.savez(nembs/f'{r[0]}.npz', a=rng.standard_normal((119, 256)).astype(np.float32))
     features_cli(['--from-npz', str(nembs), '--out', str(ncm/'features'/'cnnsa')])
     out['runs']['ncm'] = root/'runs'/'ncm_alcap_s0'
-    train_cli(['--dataset', 'ncm', '--data_dir', str(ncm), '--text_init', 'pretrained', '--text_model', str(bart), '--music_encoder', 'cnnsa',
-               '--method', 'alcap', '--alpha', '0.02', '--output_dir', str(out['runs']['ncm']), *QUICK])
+    train_cli(['--dataset', 'ncm', '--data_dir', str(ncm), '--text_init', 'pretrained', '--text_model', str(bart),
+               '--music_encoder', 'cnnsa', '--method', 'alcap', '--alpha', '0.02',
+               '--output_dir', str(out['runs']['ncm']), *QUICK])
 
     # alcap-eval with the paper's numbers
     retrieval = [] if packaged_model_path() else ['--no-retrieval']
     out['retrieval'] = not retrieval
-    eval_cli([str(r) for r in out['runs'].values()] + ['--out', str(root/'results'), '--paper', str(REPO/'results'/'paper_numbers.csv'),
-                                                       '--paper-std', str(REPO/'results'/'paper_numbers_std.csv'), *retrieval])
+    res = REPO/'results'
+    paper = ['--paper', str(res/'paper_numbers.csv'), '--paper-std', str(res/'paper_numbers_std.csv')]
+    eval_cli([str(r) for r in out['runs'].values()] + ['--out', str(root/'results'), *paper, *retrieval])
     out['table1'] = pd.read_csv(root/'results'/'table1.csv')
     out['table2'] = pd.read_csv(root/'results'/'table2.csv')
     return out
@@ -162,7 +169,8 @@ def test_files_are_found_by_the_authors_names(world):
     mine = load_dataset_songs(TrainConfig(dataset='si-full', data_dir=str(meta), csv_name='mine').resolve())
     assert [s.id for s in mine] == [s.id for s in load_si_csvs(meta, 'full')]  # csv_name overrides the authors' name
     # SI sizes are checked against the paper's: these files are small, so every run said so
-    assert any("si-votes-gt0: your files hold 22 train items, the paper's train split has 49,736" in w for w in world['warnings'])
+    said = "si-votes-gt0: your files hold 22 train items, the paper's train split has 49,736"
+    assert any(said in w for w in world['warnings'])
 
 
 def test_features_come_from_the_authors_npz_files(world):
@@ -174,7 +182,8 @@ def test_features_come_from_the_authors_npz_files(world):
     assert sorted(cache.ids()) == sorted(si['ids']) and (cache.l_m, cache.d_m) == (119, 256)
     assert cache.config['source'] == 'npz' and cache.config['folder'] == str(si['embs'].resolve())
     sid = si['ids'][5]
-    np.testing.assert_allclose(cache[sid].astype(np.float32), np.load(si['embs']/f'{sid}.npz')['a'], rtol=1e-3, atol=1e-3)
+    original = np.load(si['embs']/f'{sid}.npz')['a']
+    np.testing.assert_allclose(cache[sid].astype(np.float32), original, rtol=1e-3, atol=1e-3)
     for method in ('bart-fusion', 'alcap'):
         f = config(world['runs'][method])['features']
         assert (f['encoder'], f['config']['source'], f['path']) == ('cnnsa', 'npz', str(feats))
@@ -215,13 +224,14 @@ def test_checkpoint_generation_settings_reach_generate_and_config(world):
 def test_table1_has_f_and_recall_with_the_papers_rows_beside_recall(world):
     t1 = world['table1']
     si = t1[t1['dataset'] == 'SI votes > 0']
-    assert list(zip(si['source'], si['method'])) == [('ours', 'BART'), (PAPER, 'BART'), ('ours', 'BART-fusion'), (PAPER, 'BART-fusion'),
-                                                     ('ours', 'ALCAP'), (PAPER, 'ALCAP')]
+    assert list(zip(si['source'], si['method'])) == [('ours', 'BART'), (PAPER, 'BART'), ('ours', 'BART-fusion'),
+                                                     (PAPER, 'BART-fusion'), ('ours', 'ALCAP'), (PAPER, 'ALCAP')]
     ours, paper = si[si['source'] == 'ours'], si[si['source'] == PAPER].set_index('method')
     for m in ('rouge1', 'rouge2', 'rougeL', 'rouge1_recall', 'rouge2_recall', 'rougeL_recall', 'meteor'):
         assert ours[m].notna().all(), m
     assert paper[['rouge1', 'rouge2', 'rougeL']].isna().all().all()      # the paper's ROUGE is recall ...
-    assert paper.loc['ALCAP', 'rouge1_recall'] == 49.8 and paper.loc['ALCAP', 'rouge1_recall_std'] == 0.1  # ... and sits there
+    alcap_paper = paper.loc['ALCAP']
+    assert (alcap_paper['rouge1_recall'], alcap_paper['rouge1_recall_std']) == (49.8, 0.1)  # ... and sits there
     alcap = ours.set_index('method').loc['ALCAP']
     assert alcap['n_seeds'] == 2 and alcap['seeds'] == '0 1' and alcap['initialisation'].startswith('pretrained:')
     assert 'si-votes-gt0 test split, 9 items' in alcap['data']
@@ -236,7 +246,7 @@ def test_table2_retrieval_counts_songs(world):
     dup = caps['id'][caps['id'].duplicated()].iloc[0]
     assert caps.loc[caps['id'] == dup, 'prediction'].nunique() == 1
     metrics = json.loads((run/'metrics.json').read_text())
-    assert metrics['settings']['retrieval_candidates'] == 'songs (8 distinct ids)'
+    assert metrics['settings']['retrieval_candidates'] == 'songs (8 ids)'
     # an independent count over songs: keep one caption per song and rank those
     embed = embedder()
     q = embed(pick_queries(caps['reference'].tolist(), 0))
