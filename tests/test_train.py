@@ -152,6 +152,9 @@ def _free_port():
     with socket.socket() as s: s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
 
 
+# on a GPU machine both processes would share its one device over NCCL, and the one-process run would train on the
+# GPU in bf16: the comparison is of CPU processes, so it is skipped there (it failed that way on one H100)
+@pytest.mark.skipif(torch.cuda.is_available(), reason="compares CPU processes over gloo; hide the GPU to run it")
 def test_two_processes_equal_one_with_double_batch(tiny_data, tmp_path):
     "DDP on 2 CPU processes (gloo), batch 4 each, ends where 1 process with batch 8 does (dropout off)."
     common = dict(dropout=0.0, epochs=2, save_every=100)
