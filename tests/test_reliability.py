@@ -23,17 +23,6 @@ TINY = dict(dataset='jsonl', method='alcap', alpha=0.1, model_size='tiny', text_
             val_generate_n=0, save_every=2)
 
 
-@pytest.fixture(scope='module')
-def tiny_data(tmp_path_factory):
-    "30 demo songs and a feature cache of random 'musicnn-msd'-named features (12 x 16) for them."
-    d = tmp_path_factory.mktemp('data')
-    songs = make_demo(d/'songs', n=30, seed=3, workers=1)
-    cache = FeatureCache.create(d/'feats', 'musicnn-msd', dict(test=True), 12, 16)
-    h_m = np.random.default_rng(0).standard_normal((30, 12, 16)).astype(np.float16)
-    cache.append([s.id for s in songs], h_m, [12] * 30)
-    return d
-
-
 def tiny_args(data, out, **kw):
     "alcap-train arguments of a tiny run on `tiny_data`."
     base = dict(TINY, data_dir=data/'songs', features_dir=data/'feats', output_dir=out)

@@ -13,17 +13,6 @@ from alcap.train import TrainConfig, load_checkpoint, save_checkpoint, train, va
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope='module')
-def tiny_data(tmp_path_factory):
-    "30 demo songs and a feature cache of random 'musicnn-msd'-named features (12 x 16) for them."
-    d = tmp_path_factory.mktemp('data')
-    songs = make_demo(d/'songs', n=30, seed=3, workers=1)
-    cache = FeatureCache.create(d/'feats', 'musicnn-msd', dict(test=True), 12, 16)
-    rng = np.random.default_rng(0)
-    cache.append([s.id for s in songs], rng.standard_normal((30, 12, 16)).astype(np.float16), [12 - i % 3 for i in range(30)])
-    return d
-
-
 def tiny_config(data, out, **kw):
     base = dict(dataset='jsonl', data_dir=str(data/'songs'), features_dir=str(data/'feats'), method='alcap', alpha=0.1,
                 model_size='tiny', text_init='random', vocab_size=300, batch_size=4, epochs=2, lr=1e-3, max_source_len=128,

@@ -1,0 +1,17 @@
+"""Fixtures shared by the test files."""
+import numpy as np
+import pytest
+
+from alcap.data import make_demo
+from alcap.music import FeatureCache
+
+
+@pytest.fixture(scope='module')
+def tiny_data(tmp_path_factory):
+    "30 demo songs and a feature cache of random 'musicnn-msd'-named features (12 x 16, 10-12 frames real) for them."
+    d = tmp_path_factory.mktemp('data')
+    songs = make_demo(d/'songs', n=30, seed=3, workers=1)
+    cache = FeatureCache.create(d/'feats', 'musicnn-msd', dict(test=True), 12, 16)
+    h_m = np.random.default_rng(0).standard_normal((30, 12, 16)).astype(np.float16)
+    cache.append([s.id for s in songs], h_m, [12 - i % 3 for i in range(30)])
+    return d
