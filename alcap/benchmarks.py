@@ -4,16 +4,20 @@
 
 # %% ../nbs/08_benchmarks.ipynb #3c1036e1
 from __future__ import annotations
-import argparse, dataclasses, json, math, os, platform, subprocess, sys, tempfile, time
+import argparse, dataclasses, importlib.metadata, json, math, platform, subprocess, sys, tempfile, time, traceback
 _T_START = time.perf_counter()  # the budget of a command-line run counts from here: importing torch included
 from pathlib import Path
 
 import numpy as np
 import torch
+import transformers
+from torch.profiler import ProfilerActivity, profile
 
-from .data import Collator, LengthGroupedBatchSampler, Song, SongDataset, atomic_write, train_bpe_tokenizer
-from .train import (StepWindow, TrainConfig, build_optimizer, generate_captions, hardware, save_checkpoint, seed_everything,
-                    train_loader, train_step, validate)
+from .core import atomic_write, hardware
+from .data import Collator, LengthGroupedBatchSampler, Song, SongDataset, train_bpe_tokenizer
+from .model import AlcapForConditionalGeneration, bart_base_config, tiny_bart_config
+from .train import (StepWindow, TrainConfig, _autocast, build_optimizer, generate_captions, save_checkpoint,
+                         seed_everything, train_loader, train_step, validate)
 
 # %% auto #0
 __all__ = ['SI_LYRICS_TOKENS', 'SI_CAPTION_TOKENS', 'SI_MAX_TOKENS', 'SIZES', 'HEADLINE', 'si_shaped_songs', 'si_tokenizer',
@@ -83,7 +87,6 @@ def _max_len(p: dict) -> int: return max(8, round(SI_MAX_TOKENS * p['scale']))
 
 def si_model(size: str, tokenizer, d_m: int, method: str = 'alcap'):
     "The captioner benchmarked: bart-base sized ('full') or tiny, random init, fusion after the last two encoder layers."
-    from alcap.model import AlcapForConditionalGeneration, bart_base_config, tiny_bart_config
     special = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                    decoder_start_token_id=tokenizer.eos_token_id, forced_bos_token_id=tokenizer.bos_token_id)
     drop = dict(dropout=0.1, attention_dropout=0.0, activation_dropout=0.0, scale_embedding=True)  # as build_model
@@ -216,7 +219,6 @@ def _kind(name: str) -> str:
 
 def profile_training(model, dataset, collate, c: TrainConfig, device, steps: int = 4, seed: int = 0) -> dict:
     "Where a few training steps of `c` spend their time: top kernels or ops, time by kind, GPU busy fraction."
-    from torch.profiler import ProfilerActivity, profile
     sampler = LengthGroupedBatchSampler(dataset.lengths, c.batch_size, shuffle=True, seed=seed)
     opt, sched = build_optimizer(c, model, steps + 3)
     model.train()
@@ -249,14 +251,13 @@ def profile_training(model, dataset, collate, c: TrainConfig, device, steps: int
 # %% ../nbs/08_benchmarks.ipynb #65222951
 def versions() -> dict:
     "Versions of what the benchmark runs with, the GPU and the repository commit."
-    import importlib.metadata as md
+    md = importlib.metadata
     def ver(pkg):
         try: return md.version(pkg)
         except md.PackageNotFoundError: return None
     try: commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True, timeout=5,
                                  cwd=Path(__file__).resolve().parent).stdout.strip() or None
     except (OSError, subprocess.SubprocessError, NameError): commit = None
-    import transformers
     v = dict(python=platform.python_version(), torch=torch.__version__, cuda=torch.version.cuda,
              cudnn=torch.backends.cudnn.version() if torch.cuda.is_available() else None, transformers=transformers.__version__,
              tokenizers=ver('tokenizers'), numpy=np.__version__, alcap_commit=commit)
@@ -274,7 +275,6 @@ def version_warnings(v: dict) -> list[str]:
 
 def smoke_check(device):
     "A tiny captioner's training step and a 3-token beam search on `device`; raises what the libraries raise."
-    from alcap.model import AlcapForConditionalGeneration, tiny_bart_config
     m = AlcapForConditionalGeneration.from_bart_config(tiny_bart_config(), 'alcap', d_music=8, fusion_layers=[1]).to(device)
     ids = torch.randint(4, 99, (2, 9), device=device)
     music = torch.randn(2, 5, 8, device=device)
@@ -306,7 +306,6 @@ class _Run:
         except torch.OutOfMemoryError as e:
             oom = f'out of memory: {str(e).splitlines()[0][:200]}'
         except Exception as e:                         # recorded, with its traceback in a file; the next phases still run
-            import traceback
             self.R['phases'].append(dict(name=name, status=f'error: {type(e).__name__}: {(str(e).splitlines() or [""])[0][:300]}'))
             with open(self.out/'benchmarks_errors.txt', 'a') as f: f.write(f'--- {name}\n{traceback.format_exc()}\n')
             print(f'[{self.elapsed():6.1f} s] {name}: {self.R["phases"][-1]["status"]} (traceback in {self.out/"benchmarks_errors.txt"})', flush=True)
@@ -587,7 +586,6 @@ if __name__ == '__main__': main()
 # %% ../nbs/08_benchmarks.ipynb #532b844c
 def regime_losses(items, tokenizer, size: str = 'tiny', d_m: int|None = None, seed: int = 0) -> dict:
     "The loss of one batch of `items` under the reference path (max padding, fp32) and ours (buckets, bf16 autocast)."
-    from alcap.train import _autocast
     seed_everything(seed)
     model = si_model(size, tokenizer, d_m or SIZES[size]['d_m']).eval()
     out = {}

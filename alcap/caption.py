@@ -10,7 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, GenerationConfig
+from transformers.utils import logging as hf_logging
 
+from .core import parse_value
 from .data import Collator
 from .model import AlcapForConditionalGeneration
 from .music import SR, AudioError, CNNSAEncoder, MusicnnEncoder, excerpt, load_audio
@@ -95,7 +99,6 @@ def build_encoder(name: str, prep: dict, checkpoint=None):
 # %% ../nbs/03a_caption.ipynb #ca000011
 def _generation_from_run(params: dict) -> dict:
     "The run's parameters that are generation settings (whatever GenerationConfig knows), as its evaluation used them."
-    from transformers import GenerationConfig
     known = GenerationConfig().to_dict()
     g = {k: v for k, v in params.items() if k in known and v is not None}
     if not g.get('do_sample'): g.pop('top_p', None)  # the trainer passes top_p only when sampling
@@ -126,9 +129,7 @@ class Captioner:
 # %% ../nbs/03a_caption.ipynb #ca000012
 def _from_pretrained(cls, path, device=None, music_checkpoint=None, precision=None, **generation) -> Captioner:
     "A Captioner for the run folder or model folder `path`; `generation` overrides the saved generation settings."
-    from transformers import AutoTokenizer
     model_dir, run_dir = find_model(path)
-    from transformers.utils import logging as hf_logging
     bar = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a bar for loading a few hundred tensors is noise in front of a caption
     try:
@@ -261,7 +262,6 @@ Captioner._h_m, Captioner._generate = _h_m, _generate
 # %% ../nbs/03a_caption.ipynb #ca00001f
 def _iter_captions(self: Captioner, songs, batch_size: int = 8, num_workers: int = 0, progress: bool = False):
     "Caption `songs` (dicts: id, lyrics, audio or h_m) a batch at a time; yield (song, caption, error) in order."
-    from tqdm.auto import tqdm
     songs = [dict(s) for s in songs]
     try: excerpt_args = self._excerpt_args() if self.uses_music else None
     except CaptionError as e: excerpt_args = e  # songs with precomputed h_m need no excerpt
@@ -385,21 +385,16 @@ def finished_ids(out, stamp: dict) -> set[str]:
 # %% ../nbs/03a_caption.ipynb #ca000029
 def generation_overrides(a) -> dict:
     "Generation settings given on the command line: --num-beams, --max-new-tokens and --generate KEY=VALUE ..."
-    from transformers import GenerationConfig
     known, g = GenerationConfig().to_dict(), dict(num_beams=a.num_beams, max_new_tokens=a.max_new_tokens)
     for kv in a.generate:
         k, eq, v = kv.partition('=')
         if not eq or k not in known:
             raise CaptionError(f'--generate {kv}: not KEY=VALUE with a generation setting as KEY')
-        try:
-            g[k] = json.loads(v)  # numbers, true/false, null
-        except ValueError:
-            g[k] = v
+        g[k] = parse_value(v, name=f'generate {k}')
     return {k: v for k, v in g.items() if v is not None}
 
 def _say(msg):
     "One line on standard error, above any progress bar."
-    from tqdm.auto import tqdm
     tqdm.write(f'alcap-caption: {msg}', file=sys.stderr)
 
 def _single(a) -> int:

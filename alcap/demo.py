@@ -4,110 +4,25 @@
 
 # %% ../nbs/09_demo.ipynb #b277d82c
 from __future__ import annotations
-import argparse, json, platform, shutil, sys, time
-from collections import Counter
+import argparse, json, sys, time
 from pathlib import Path
 
-from .data import DEMO_GENERATOR_VERSION, atomic_write, dependence_report, load_songs, make_demo, user_errors
+import pandas as pd
+from matplotlib.figure import Figure
+
+from .core import atomic_write, parse_value, provenance, user_errors
+from .data import load_songs
+from .demodata import dataset_summary, demo_scores, ensure_demo_data, ensure_features
+from .evaluate import evaluate_run, write_tables
+from .runs import finished_run, run_training_notebook
 
 METHOD_ALPHA = {'bart': 0.0, 'bart-fusion': 0.0, 'alcap': 0.02}
 
 # %% auto #0
-__all__ = ['METHOD_ALPHA', 'SCORE_COLUMNS', 'ensure_demo_data', 'provenance', 'dataset_summary', 'ensure_features', 'repo_root',
-           'yaml_value', 'finished_run', 'run_training_notebook', 'train_method', 'attribute_table',
-           'attribute_summary', 'loss_plot', 'write_demo_results', 'main']
+__all__ = ['METHOD_ALPHA', 'SCORE_COLUMNS', 'train_method', 'attribute_table', 'attribute_summary', 'loss_plot',
+           'write_demo_results', 'main']
 
-# %% ../nbs/09_demo.ipynb #6660f659
-def ensure_demo_data(folder, n: int = 800, seed: int = 0, regenerate: bool = False) -> list:
-    "The demo dataset in `folder`: generated if absent; another demo there is an error unless `regenerate`."
-    folder = Path(folder)
-    manifest = folder/'dataset.json'
-    if manifest.exists():
-        m = json.loads(manifest.read_text())
-        same_songs = (m.get('seed'), m.get('generator_version')) == (seed, DEMO_GENERATOR_VERSION)
-        if same_songs and m.get('n') == n: return load_songs(folder)
-        if not regenerate:
-            have = {k: m.get(k) for k in ('n', 'seed', 'generator_version')}
-            want = f'n={n}, seed={seed}, generator_version={DEMO_GENERATOR_VERSION}'
-            raise ValueError(f'{folder} holds a demo made with {have}, not {want}: '
-                             'use another folder, or replace it (alcap-demo --regenerate; its features go too)')
-        manifest.unlink()  # an interrupted regeneration must not look finished
-        if not same_songs and (folder/'features').exists():  # features of other audio under the same song ids
-            print(f'{folder}: the demo changed (seed or generator version): removing its stale features', file=sys.stderr)
-            shutil.rmtree(folder/'features')
-    return make_demo(folder, n=n, seed=seed, progress=True)
-
-# %% ../nbs/09_demo.ipynb #f4ac8fad
-def provenance(command: str, seed, **extra) -> str:
-    "A Markdown provenance block: command, seed, software and hardware."
-    import torch
-    from alcap.train import hardware
-    lines = dict(command=f'`{command}`', seed=seed, **extra, python=platform.python_version(), torch=torch.__version__,
-                 hardware=hardware(), date=time.strftime('%Y-%m-%d'))
-    return '\n'.join(f'- {k}: {v}' for k, v in lines.items())
-
-def dataset_summary(songs, command: str, seed: int) -> str:
-    "Markdown summary of a demo dataset: splits, attribute counts, dependence table, provenance."
-    splits = Counter(s.split for s in songs)
-    attrs = {a: Counter(str(s.meta[a]) for s in songs) for a in ('theme', 'instrument', 'tempo', 'mood', 'drums')}
-    rep = dependence_report(songs)
-    out = ['# Demo dataset', '', f"{len(songs)} songs: " + ', '.join(f'{k} {v}' for k, v in sorted(splits.items())), '']
-    out += [f"- {a}: " + ', '.join(f'{k} {v}' for k, v in sorted(c.items())) for a, c in attrs.items()]
-    out += ['', '## How well each hidden attribute can be predicted', '',
-            'Accuracy of the best guess from the theme (in-sample), and of a TF-IDF logistic regression on the lyrics or',
-            'the caption text (held-out 25%). Chance is the majority class.', '', rep.to_markdown(), '',
-            '## Provenance', '', provenance(command, seed, data=f'the built-in demo dataset (synthesised, `alcap.data.make_demo`, generator version {DEMO_GENERATOR_VERSION})')]
-    return '\n'.join(out) + '\n'
-
-# %% ../nbs/09_demo.ipynb #7998e27f
-def ensure_features(songs, folder, encoder: str = 'musicnn-msd'):
-    "The feature cache at `folder`, with every song's h_m (extracted where missing)."
-    from alcap.music import FeatureCache, extract_features, get_encoder
-    folder = Path(folder)
-    if (folder/'manifest.json').exists():
-        cache = FeatureCache(folder)
-        if all(s.id in cache for s in songs) and not cache.stale(songs): return cache
-    r = extract_features(songs, get_encoder(encoder), folder, num_workers=2, progress=True)
-    if r['failed']: raise ValueError(f"{r['failed']} demo songs failed feature extraction: see {folder}/failures.csv")
-    return FeatureCache(folder)
-
-# %% ../nbs/09_demo.ipynb #8115334f
-def repo_root() -> Path:
-    "The repository root (the folder with settings.ini), searched upwards from the working directory."
-    for p in [Path.cwd(), *Path.cwd().parents]:
-        if (p/'settings.ini').exists() and (p/'nbs'/'03_train.ipynb').exists(): return p
-    raise FileNotFoundError('run alcap-demo from the ALCAP repository (no settings.ini and nbs/03_train.ipynb found above the working directory)')
-
-def yaml_value(v: str):
-    "A command-line value as papermill's `-p` reads it: numbers, booleans and None typed, the rest strings."
-    special = {'True': True, 'true': True, 'False': False, 'false': False, 'None': None, 'none': None}
-    if v in special: return special[v]
-    for typ in (int, float):
-        try: return typ(v)
-        except ValueError: pass
-    return v
-
-def finished_run(out: Path, data: Path) -> bool:
-    "Whether `out` holds a finished run; an error if that run was trained on other demo data than `data` holds now."
-    from alcap.train import same_data
-    if not (Path(out)/'summary.json').exists(): return False
-    if not same_data(out, data):
-        raise ValueError(f'{out} was trained on another version of the demo data than {data} holds now: '
-                         f'delete {out} (or pass --runs with another folder) to train it again')
-    return True
-
-def run_training_notebook(out: Path, parameters: dict) -> Path:
-    "Run nbs/03_train.ipynb with papermill into `out/train.ipynb`; its stderr (the progress bars) goes to ours."
-    import papermill as pm
-    out = Path(out); out.mkdir(parents=True, exist_ok=True)
-    try:
-        pm.execute_notebook(str(repo_root()/'nbs'/'03_train.ipynb'), str(out/'train.ipynb'), parameters=parameters,
-                            cwd=str(repo_root()), progress_bar=False, log_output=False, stderr_file=sys.stderr)
-    except pm.PapermillExecutionError as e:
-        where = out/'train.ipynb'
-        raise ValueError(f"training into {out} failed: {e.ename}: {e.evalue} (the traceback is in {where})") from None
-    return out
-
+# %% ../nbs/09_demo.ipynb #12401c7d
 def train_method(method: str, seed: int, data: Path, runs: Path, **params) -> Path:
     "Train one method via papermill on nbs/03_train.ipynb; returns its run folder."
     out = runs/f'{method}_s{seed}'
@@ -118,8 +33,6 @@ def train_method(method: str, seed: int, data: Path, runs: Path, **params) -> Pa
 # %% ../nbs/09_demo.ipynb #64a225af
 def attribute_table(run_dirs) -> 'pd.DataFrame':
     "Per run: how often test captions name the true instrument, tempo, mood and theme."
-    import pandas as pd
-    from alcap.train import demo_scores
     rows = []
     for r in run_dirs:
         cfg, caps = json.loads((Path(r)/'config.json').read_text()), pd.read_csv(Path(r)/'captions_test.csv', keep_default_na=False)
@@ -133,7 +46,6 @@ SCORE_COLUMNS = ['instrument_score', 'tempo_score', 'mood_score', 'theme_score',
 
 def attribute_summary(att) -> 'pd.DataFrame':
     "Per method: each score's mean and sample std over seeds, as `mean ± std` (std left out for a single seed)."
-    import pandas as pd
     rows = []
     for (method, alpha), g in att.groupby(['method', 'alpha'], sort=False):
         row = dict(method=method, alpha=alpha, seeds=' '.join(map(str, sorted(g['seed']))))
@@ -143,21 +55,20 @@ def attribute_summary(att) -> 'pd.DataFrame':
 
 def loss_plot(run_dirs, path):
     "Validation loss per epoch of each run, in one figure."
-    import matplotlib; matplotlib.use('Agg')
-    import matplotlib.pyplot as plt, pandas as pd
-    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+    fig = Figure(figsize=(10, 3.5))  # no pyplot: the caller's backend and open figures are left alone
+    ax = fig.subplots(1, 2)
     for r in run_dirs:
         e, name = pd.read_csv(Path(r)/'log_epochs.csv'), Path(r).name
         ax[0].plot(e['epoch'], e['val_loss_cap'], marker='o', label=name)
         if e['val_loss_contrast'].notna().any(): ax[1].plot(e['epoch'], e['val_loss_contrast'], marker='o', label=name)
     ax[0].set(title='validation caption loss', xlabel='epoch'); ax[1].set(title='validation InfoNCE (ALCAP)', xlabel='epoch')
     for a in ax: a.legend()
-    fig.tight_layout(); fig.savefig(path, dpi=100); plt.close(fig)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
 
 # %% ../nbs/09_demo.ipynb #faefd2dd
 def write_demo_results(run_dirs, results: Path, command: str, seeds):
     "Metrics tables, attribute scores, captions and the loss plot of the demo runs, with provenance."
-    from alcap.evaluate import evaluate_run, write_tables
     results.mkdir(parents=True, exist_ok=True)
     scored = [evaluate_run(r) for r in run_dirs]
     write_tables(scored, out=results, command=command)
@@ -202,7 +113,7 @@ def main(argv: list[str]|None = None):
     for kv in args.param:
         k, sep, v = kv.partition('=')
         if not sep: p.error(f'--param {kv!r}: expected KEY=VALUE')
-        params[k] = yaml_value(v)
+        params[k] = parse_value(v)
     cmd = ('alcap-demo ' + ' '.join(argv if argv is not None else sys.argv[1:])).strip()
     t0 = time.time()
     songs = ensure_demo_data(args.data, args.n, args.seed, regenerate=args.regenerate)

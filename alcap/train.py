@@ -4,7 +4,7 @@
 
 # %% ../nbs/03_train.ipynb #3c7a22a4
 from __future__ import annotations
-import argparse, csv, dataclasses, json, math, os, platform, random, shlex, sys, time
+import argparse, csv, dataclasses, io, json, math, os, random, shlex, shutil, sys, time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -12,23 +12,29 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
+from transformers import AutoConfig
+from transformers.optimization import Adafactor
 
-from .data import (SI_VARIANTS, Collator, LengthGroupedBatchSampler, Song, SongDataset, atomic_write, check_si_sizes,
-                        get_tokenizer, load_ncm_csv, load_si_csvs, load_songs, user_errors)
-
+from .core import atomic_write, hardware, hub_reachable, parse_value, user_errors
+from .data import (SI_VARIANTS, Collator, LengthGroupedBatchSampler, Song, SongDataset, check_si_sizes,
+                        get_tokenizer, load_ncm_csv, load_si_csvs, load_songs)
+from .music import FeatureCache
+from .demodata import demo_scores, ensure_demo_data
+from .demodata import ensure_features as ensure_demo_features
+from .model import METHODS, AlcapForConditionalGeneration, bart_base_config, tiny_bart_config
+from .metrics import compute_metrics
 
 # %% auto #0
-__all__ = ['DATASETS', 'METHODS', 'PRESETS', 'BEST_METRICS', 'GENERATION_PARAMS', 'STEP_FIELDS', 'EPOCH_FIELDS', 'TrainConfig',
-           'validate', 'Dist', 'setup_distributed', 'seed_everything', 'load_dataset_songs', 'ensure_features',
-           'fusion_layers', 'build_model', 'build_optimizer', 'save_torch', 'save_checkpoint', 'load_checkpoint',
-           'generation_kwargs', 'generation_settings', 'generate_captions', 'CsvLog', 'validation_losses',
-           'demo_scores', 'generation_scores', 'hardware', 'run_tokenizer', 'write_captions', 'data_manifest',
-           'same_data', 'default_num_workers', 'train_loader', 'train_step', 'StepWindow', 'train', 'finish_run',
-           'inference_settings', 'train_cli']
+__all__ = ['DATASETS', 'PRESETS', 'BEST_METRICS', 'GENERATION_PARAMS', 'STEP_FIELDS', 'EPOCH_FIELDS', 'TrainConfig', 'validate',
+           'Dist', 'setup_distributed', 'seed_everything', 'load_dataset_songs', 'ensure_features', 'fusion_layers',
+           'build_model', 'build_optimizer', 'save_torch', 'save_checkpoint', 'load_checkpoint', 'generation_kwargs',
+           'generation_settings', 'generate_captions', 'CsvLog', 'validation_losses', 'generation_scores',
+           'run_tokenizer', 'write_captions', 'data_manifest', 'same_data', 'default_num_workers', 'train_loader',
+           'train_step', 'StepWindow', 'train', 'finish_run', 'inference_settings', 'train_cli']
 
 # %% ../nbs/03_train.ipynb #51513b9e
 DATASETS = ('demo', 'si-full', 'si-votes-ge0', 'si-votes-gt0', 'ncm', 'jsonl')
-METHODS = ('bart', 'bart-fusion', 'alcap')
 
 PRESETS = {
     # a small random-init BART that learns the demo in minutes on 2 CPU cores
@@ -216,7 +222,6 @@ def seed_everything(seed: int):
 def load_dataset_songs(c: TrainConfig) -> list[Song]:
     "The songs of the configured dataset, each with its split."
     if c.dataset == 'demo':
-        from alcap.demo import ensure_demo_data
         manifest = Path(c.data_dir)/'dataset.json'
         m = json.loads(manifest.read_text()) if manifest.exists() else {}
         held = m.get('n')
@@ -238,9 +243,7 @@ def load_dataset_songs(c: TrainConfig) -> list[Song]:
 def ensure_features(c: TrainConfig, songs: list[Song]):
     "The feature cache of the run (None for lyrics-only BART); the demo's is extracted on first use."
     if c.method == 'bart': return None
-    from alcap.music import FeatureCache
     if c.dataset == 'demo':
-        from alcap.demo import ensure_features as ensure_demo_features
         ensure_demo_features(songs, c.features_dir, c.music_encoder)
     cache = FeatureCache(c.features_dir)
     if cache.encoder_name != c.music_encoder:
@@ -260,15 +263,12 @@ def fusion_layers(c: TrainConfig, n_layers: int):
 
 def _encoder_layers(bart) -> int:
     "Encoder depth of a BART checkpoint (6, bart-base's, when its config cannot be read: `from_bart` then says why)."
-    from transformers import AutoConfig
-    from alcap.data import hub_reachable
     local_only = not Path(bart).is_dir() and not hub_reachable()
     try: return AutoConfig.from_pretrained(bart, local_files_only=local_only).encoder_layers
     except (OSError, ValueError): return 6
 
 def build_model(c: TrainConfig, tokenizer, d_music: int|None):
     "The captioner for the configured method and initialisation."
-    from alcap.model import AlcapForConditionalGeneration, bart_base_config, tiny_bart_config
     special = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                    decoder_start_token_id=tokenizer.eos_token_id, forced_bos_token_id=tokenizer.bos_token_id)
     n_layers = _encoder_layers(c.text_model) if c.text_init == 'pretrained' else 6 if c.model_size == 'base' else 4
@@ -290,7 +290,6 @@ def build_optimizer(c: TrainConfig, model, total_steps: int):
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
     groups = [dict(params=decay, weight_decay=c.weight_decay), dict(params=no_decay, weight_decay=0.0)]
     if c.optimizer == 'adafactor':
-        from transformers.optimization import Adafactor
         opt = Adafactor(groups, lr=c.lr, scale_parameter=False, relative_step=False, warmup_init=False)
     else:
         opt = torch.optim.AdamW(groups, lr=c.lr, fused=next(model.parameters()).is_cuda)
@@ -304,7 +303,6 @@ def build_optimizer(c: TrainConfig, model, total_steps: int):
 # %% ../nbs/03_train.ipynb #2b8ba843
 def save_torch(path, obj):
     "`torch.save` through `atomic_write`: readers see the old file or the new one."
-    import io
     buf = io.BytesIO(); torch.save(obj, buf)
     atomic_write(path, buf.getvalue())
 
@@ -411,31 +409,13 @@ def validation_losses(model, dataset, collate, c: TrainConfig, device, batch_siz
     con = tot['contrast'] / tot['batches'] if tot['batches'] else None
     return dict(val_loss=cap + (c.alpha * con if con is not None else 0.0), val_loss_cap=cap, val_loss_contrast=con)
 
-def demo_scores(predictions, songs) -> dict:
-    "Demo only: how often captions name the song's true attributes. `attribute_score` averages instrument, tempo, mood."
-    from alcap.data import demo_attribute_hits
-    if not songs or 'instrument' not in songs[0].meta: return {}
-    hits = [demo_attribute_hits(p, s.meta) for p, s in zip(predictions, songs)]
-    res = {f'{a}_score': float(np.mean([h[a] for h in hits])) for a in ('instrument', 'tempo', 'mood', 'theme')}
-    res['attribute_score'] = float(np.mean([res[f'{a}_score'] for a in ('instrument', 'tempo', 'mood')]))
-    return res
-
 def generation_scores(predictions, songs) -> dict:
     "ROUGE/METEOR of predictions against the songs' captions, and the demo attribute score."
-    from alcap.metrics import compute_metrics
     m = compute_metrics(predictions, [s.caption for s in songs])
     return dict(val_rouge1=m['rouge1'], val_rougeL=m['rougeL'], val_meteor=m['meteor'],
                 val_attribute_score=demo_scores(predictions, songs).get('attribute_score'))
 
 # %% ../nbs/03_train.ipynb #63c0298a
-def hardware() -> str:
-    "CPU model and core count, and the GPU if there is one."
-    cpu = platform.processor() or platform.machine()
-    try: cpu = next(l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name'))
-    except (OSError, StopIteration): pass
-    gpu = f', {torch.cuda.get_device_name()}' if torch.cuda.is_available() else ', no GPU'
-    return f'{cpu}, {os.cpu_count()} cores{gpu}'
-
 def run_tokenizer(c: TrainConfig, train_songs, out: Path):
     "The run's tokenizer: reloaded from the run folder on resume; else BART's, or a BPE trained on the training split."
     if (out/'tokenizer').is_dir(): return get_tokenizer(out/'tokenizer')
@@ -446,7 +426,6 @@ def run_tokenizer(c: TrainConfig, train_songs, out: Path):
 
 def write_captions(path, songs, predictions):
     "A CSV of id, lyrics, reference, prediction, written atomically."
-    import io
     buf = io.StringIO(); w = csv.writer(buf)
     w.writerow(['id', 'lyrics', 'reference', 'prediction'])
     w.writerows([s.id, s.lyrics, s.caption, p] for s, p in zip(songs, predictions))
@@ -522,7 +501,6 @@ class StepWindow:
 @torch.enable_grad()  # whatever grad mode the caller's session is in
 def train(c: TrainConfig, command: str|None = None, progress: bool = True, log_every: int|None = None) -> dict:
     "Train one model as configured; resume from `output_dir` if it holds a checkpoint. Returns a summary."
-    from tqdm import tqdm
     c = validate(c.resolve())
     ctx = setup_distributed()
     out = Path(c.output_dir); (out/'checkpoints').mkdir(parents=True, exist_ok=True)
@@ -632,7 +610,6 @@ def train(c: TrainConfig, command: str|None = None, progress: bool = True, log_e
 def _captions_with_progress(model, dataset, tokenizer, collate, c: TrainConfig, device, desc: str,
                             progress: bool = True, chunk: int = 128) -> list[str]:
     "`generate_captions` over the whole split in chunks of similar length, with a progress bar (time left included)."
-    from tqdm import tqdm
     order = sorted(range(len(dataset)), key=lambda i: -len(dataset.input_ids[i]))  # as generate_captions orders them
     out = {}
     with tqdm(total=len(order), desc=desc, unit='song', file=sys.stderr, mininterval=2, disable=not progress) as bar:
@@ -658,7 +635,7 @@ def finish_run(c: TrainConfig, model, tokenizer, collate, data, split, out: Path
     model.generation_config.update(**generation_kwargs(c, model))  # the saved captioner generates as this run did
     model.save_pretrained(tmp); tokenizer.save_pretrained(tmp)
     if (out/'model').exists():
-        import shutil; shutil.rmtree(out/'model')
+        shutil.rmtree(out/'model')
     os.replace(tmp, out/'model')
     atomic_write(out/'summary.json', json.dumps(res, indent=1))
     return res
@@ -673,21 +650,6 @@ def inference_settings(c: TrainConfig) -> dict:
     return s
 
 # %% ../nbs/03_train.ipynb #8c77fb38
-_BOOLS = {'true': True, '1': True, 'yes': True, 'false': False, '0': False, 'no': False}
-
-def _parse_value(name: str, s: str, typ):
-    "The command-line value `s` of parameter `name`, of type `typ` ('None' means None); errors name the parameter."
-    if s in ('None', 'none', 'null'): return None
-    t = str(typ)
-    try:
-        if 'bool' in t: return _BOOLS[s.lower()]
-        if 'int' in t and 'float' not in t: return int(s)
-        if 'float' in t: return float(s)
-    except (KeyError, ValueError):
-        kind = 'true or false' if 'bool' in t else 'an integer' if 'int' in t and 'float' not in t else 'a number'
-        raise ValueError(f"--{name} {s!r}: must be {kind}") from None
-    return s
-
 @user_errors('alcap-train')
 def train_cli(argv: list[str]|None = None):
     "Command line: train one model (`alcap-train --dataset demo --method alcap --alpha 0.02 ...`)."
@@ -696,7 +658,7 @@ def train_cli(argv: list[str]|None = None):
     p.add_argument('--quiet', action='store_true', help='no progress bar')
     a = vars(p.parse_args(argv))
     quiet = a.pop('quiet')
-    kw = {f.name: _parse_value(f.name, a[f.name], f.type) for f in fields(TrainConfig) if a[f.name] is not None}
+    kw = {f.name: parse_value(a[f.name], f.type, f.name) for f in fields(TrainConfig) if a[f.name] is not None}
     cfg = validate(TrainConfig(**kw).resolve())
     cmd = 'alcap-train ' + ' '.join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
     summary = train(cfg, command=cmd, progress=not quiet)

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from alcap.data import make_demo
+from alcap.demodata import make_demo
 from alcap.music import FeatureCache
 
 

@@ -8,7 +8,8 @@ import soundfile as sf
 import torch
 
 from alcap.caption import Captioner, CaptionError, LyricsTruncated, caption_cli
-from alcap.data import load_songs, make_demo
+from alcap.data import load_songs
+from alcap.demodata import make_demo
 from alcap.music import FeatureCache, extract_features, get_encoder
 from alcap.train import TrainConfig, train
 

@@ -9,9 +9,10 @@ import pandas as pd
 import pytest
 import torch
 
-from alcap.data import (Collator, LengthGroupedBatchSampler, SI_VARIANTS, Song, SongDataset, bucket_length, demo_song,
-                        demo_splits, dependence_report, get_tokenizer, load_ncm_csv, load_si_csvs, load_si_json,
-                        load_si_pickle, load_songs, load_table, make_demo, predictability, reference_split, write_songs)
+from alcap.data import (Collator, LengthGroupedBatchSampler, SI_VARIANTS, Song, SongDataset, bucket_length, get_tokenizer,
+                        load_ncm_csv, load_si_csvs, load_si_json, load_si_pickle, load_songs, load_table,
+                        reference_split, write_songs)
+from alcap.demodata import demo_song, demo_splits, dependence_report, make_demo, predictability
 
 
 # --- Song Interpretation -------------------------------------------------------------------------
@@ -252,7 +253,7 @@ def _digest(folder):
 
 
 def test_demo_cli_deterministic(tmp_path):
-    cmd = [sys.executable, '-c', 'from alcap.data import demo_data_cli; demo_data_cli()']
+    cmd = [sys.executable, '-c', 'from alcap.demodata import demo_data_cli; demo_data_cli()']
     for name, workers in (('a', '1'), ('b', '2')):
         out = subprocess.run(cmd + ['--out', str(tmp_path/name), '--n', '24', '--seed', '7', '--workers', workers], capture_output=True, text=True, check=True).stdout
         assert 'wrote 24 songs' in out
@@ -280,7 +281,7 @@ def test_demo_splits():
 
 def test_demo_timbres_differ():
     "Played the same way (pattern, register, settings) and before any recording, the instruments differ in spectrum."
-    from alcap.data import DEMO_INSTRUMENTS, _play_instrument, sample_performance
+    from alcap.demodata import DEMO_INSTRUMENTS, _play_instrument, sample_performance
     for seed in range(4):
         cents = {}
         for inst in DEMO_INSTRUMENTS:

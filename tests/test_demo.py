@@ -5,13 +5,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from alcap.demo import main, yaml_value
+from alcap.demo import main
+from alcap.core import parse_value
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_param_values_typed_like_papermill():
-    assert [yaml_value(v) for v in ('2', '0.5', 'true', 'None', 'after_encoder')] == [2, 0.5, True, None, 'after_encoder']
+    assert [parse_value(v) for v in ('2', '0.5', 'true', 'None', 'after_encoder')] == [2, 0.5, True, None, 'after_encoder']
 
 
 @pytest.mark.slow

@@ -6,8 +6,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 
-from alcap.data import (Collator, Song, SongDataset, demo_song, get_tokenizer, load_si_json, load_songs, load_table,
-                        write_songs)
+from alcap.data import Collator, Song, SongDataset, get_tokenizer, load_si_json, load_songs, load_table, write_songs
+from alcap.demodata import demo_song
 
 # few examples, no deadline (the machine is shared), no example database written into the repository
 FAST = settings(max_examples=25, deadline=None, database=None,

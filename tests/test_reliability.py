@@ -10,7 +10,8 @@ import pytest
 import soundfile as sf
 import torch
 
-from alcap.data import Song, demo_data_cli, load_songs, make_demo, write_songs
+from alcap.data import Song, load_songs, write_songs
+from alcap.demodata import demo_data_cli, make_demo
 from alcap.evaluate import eval_cli
 from alcap.music import SR, FeatureCache, MusicnnEncoder, extract_features, features_cli, tags_cli
 from alcap.train import TrainConfig, ensure_features, train, train_cli, validate
@@ -382,14 +383,14 @@ def test_papermill_training_progress_reaches_the_terminal(tiny_data, tmp_path):
     params = dict(dataset='jsonl', data_dir=str(tiny_data/'songs'), features_dir=str(tiny_data/'feats'), alpha=0.1,
                   model_size='tiny', text_init='random', vocab_size=300, batch_size=4, epochs=1, max_source_len=128,
                   max_target_len=64, num_beams=1, max_new_tokens=4, val_generate_n=0, output_dir=str(tmp_path/'run'))
-    script = f'from alcap.demo import run_training_notebook; run_training_notebook({str(tmp_path/"run")!r}, {params!r})'
+    script = f'from alcap.runs import run_training_notebook; run_training_notebook({str(tmp_path/"run")!r}, {params!r})'
     r = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert 'epoch 1/1' in r.stderr and 'captions test' in r.stderr and '<' in r.stderr, r.stderr[-2000:]
 
 
 def test_a_failed_papermill_training_is_one_line(tmp_path):
-    from alcap.demo import run_training_notebook
+    from alcap.runs import run_training_notebook
     with pytest.raises(ValueError) as e:
         run_training_notebook(tmp_path/'run', dict(dataset='msd', output_dir=str(tmp_path/'run')))
     msg = str(e.value)

@@ -36,3 +36,65 @@ def test_settings_pins():
         mod, fn = target.split(':')
         if importlib.util.find_spec(mod) is not None:  # modules of issues not landed yet are checked when they land
             assert callable(getattr(importlib.import_module(mod), fn)), name
+
+
+def module_notebooks() -> dict:
+    "Each generated module of `alcap/` and the notebook it is exported from."
+    out = {}
+    for p in sorted((ROOT/'alcap').glob('*.py')):
+        m = re.search(r'File to edit: \.\./nbs/(\S+)\.ipynb', p.read_text())
+        if m: out[p.stem] = m.group(1)
+    return out
+
+
+def alcap_imports(path: Path):
+    "(module imported, line number, at top level?) for every import of an alcap module in `path`."
+    import ast
+    tree = ast.parse(path.read_text())
+    top = {id(n) for n in tree.body}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level == 1 and node.module: names = [node.module.split('.')[0]]
+            elif node.level == 1: names = [a.name for a in node.names]
+            elif (node.module or '').startswith('alcap'):
+                names = [node.module.split('.')[1]] if '.' in node.module else [a.name for a in node.names]
+            else: continue
+        elif isinstance(node, ast.Import):
+            names = [a.name.split('.')[1] for a in node.names if a.name.startswith('alcap.')]
+        else: continue
+        for n in names: yield n, node.lineno, id(node) in top
+
+
+def test_imports_form_a_dag_in_notebook_order():
+    "A module imports only modules of notebooks that sort before its own: the package reads bottom-up."
+    nbs = module_notebooks()
+    assert {'core', 'data', 'music', 'demodata', 'losses', 'model', 'train', 'demo'} <= set(nbs)
+    upward = [f'alcap/{m}.py:{line} imports alcap.{dep} ({nbs[dep]} does not sort before {nb})'
+              for m, nb in nbs.items() for dep, line, _ in alcap_imports(ROOT/'alcap'/f'{m}.py')
+              if dep in nbs and dep != m and nbs[dep] >= nb]
+    assert not upward, '\n'.join(upward)
+
+
+def test_upward_import_is_caught(tmp_path):
+    "The check above sees imports inside functions too, relative and absolute."
+    p = tmp_path/'x.py'
+    p.write_text('from .data import Song\ndef f():\n    from alcap.demo import main\n    import alcap.train\n')
+    assert [(n, top) for n, _, top in alcap_imports(p)] == [('data', True), ('demo', False), ('train', False)]
+
+
+def test_imports_inside_functions_say_why():
+    "Imports sit at the top of a module; one inside a function carries a comment (an optional or heavy dependency)."
+    import ast
+    bare = []
+    for p in sorted((ROOT/'alcap').glob('*.py')):
+        if p.stem == '_modidx': continue
+        lines = p.read_text().splitlines()
+        tree = ast.parse('\n'.join(lines))
+        top = {id(n) for n in tree.body}
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in top:
+                k = node.lineno - 1
+                while lines[k - 1].strip().startswith(('import ', 'from ')): k -= 1  # a block under one comment
+                if '#' not in lines[node.lineno - 1] and not lines[k - 1].strip().startswith('#'):
+                    bare.append(f'{p.name}:{node.lineno}: {lines[node.lineno - 1].strip()}')
+    assert not bare, '\n'.join(bare)

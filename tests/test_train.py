@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from alcap.data import make_demo
+from alcap.demodata import make_demo
 from alcap.music import FeatureCache
 from alcap.train import TrainConfig, load_checkpoint, save_checkpoint, train, validate
 
