@@ -4,7 +4,8 @@
 
 # %% ../nbs/03b_runs.ipynb #d9e95268
 from __future__ import annotations
-import sys
+import multiprocessing, sys
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import papermill as pm
@@ -13,7 +14,7 @@ from .core import repo_root
 from .train import same_data
 
 # %% auto #0
-__all__ = ['finished_run', 'run_training_notebook']
+__all__ = ['finished_run', 'run_training_notebook', 'run_grid']
 
 # %% ../nbs/03b_runs.ipynb #8115334f
 def finished_run(out: Path, data: Path) -> bool:
@@ -34,3 +35,22 @@ def run_training_notebook(out: Path, parameters: dict) -> Path:
         where = out/'train.ipynb'
         raise ValueError(f"training into {out} failed: {e.ename}: {e.evalue} (the traceback is in {where})") from None
     return out
+
+# %% ../nbs/03b_runs.ipynb #3ead31b9
+def run_grid(runs: dict, data, workers: int = 1) -> dict:
+    "Train `runs` ({run folder: notebook parameters}) not yet finished on `data`, `workers` at a time; returns failures."
+    todo = {Path(out): params for out, params in runs.items() if not finished_run(out, data)}
+    failures = {}
+    if workers <= 1:
+        for out, params in todo.items():
+            try: run_training_notebook(out, params)
+            except ValueError as e: failures[str(out)] = str(e)
+        return failures
+    # the installed module's function: spawned workers cannot import a notebook's __main__
+    from alcap import runs
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context('spawn')) as ex:
+        jobs = {ex.submit(runs.run_training_notebook, out, params): out for out, params in todo.items()}
+        for job in as_completed(jobs):
+            try: job.result()
+            except ValueError as e: failures[str(jobs[job])] = str(e)
+    return failures
