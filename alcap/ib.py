@@ -6,10 +6,10 @@
 __all__ = ['as_joint', 'marginal', 'entropy', 'mutual_information', 'correlated_bits', 'deterministic_channel', 'encode',
            'ib_terms', 'infonce_bound', 'optimal_critic', 'infonce_loss', 'infonce_losses']
 
-# %% ../nbs/05_information_bottleneck.ipynb #c5fdb9cd
+# %% ../nbs/05_information_bottleneck.ipynb #8e0a623b
 import numpy as np
 
-# %% ../nbs/05_information_bottleneck.ipynb #1eec77c3
+# %% ../nbs/05_information_bottleneck.ipynb #205a9c34
 def as_joint(p, name:str='p') -> np.ndarray:
     "`p` as a float array of probabilities, checked: at least one axis, finite, non-negative, summing to 1."
     p = np.asarray(p, dtype=float)
@@ -25,7 +25,7 @@ def _axes(a, ndim:int, name:str) -> tuple:
         if not -ndim <= i < ndim: raise ValueError(f"{name}={a}: axis {i} is out of range for {ndim} variables")
     return tuple(sorted(i % ndim for i in a))
 
-# %% ../nbs/05_information_bottleneck.ipynb #9e5f49a4
+# %% ../nbs/05_information_bottleneck.ipynb #01ab5997
 def marginal(p, keep) -> np.ndarray:
     "The marginal of joint `p` on the axes `keep` (one axis or several), in increasing axis order."
     p = as_joint(p)
@@ -38,7 +38,7 @@ def entropy(p, axes=None) -> float:
     q = q[q > 0]  # 0 log 0 = 0
     return float(-(q * np.log(q)).sum())
 
-# %% ../nbs/05_information_bottleneck.ipynb #5fdbc5ae
+# %% ../nbs/05_information_bottleneck.ipynb #8098bd68
 def mutual_information(p, a=0, b=1, given=()) -> float:
     "I(A; B | C) in nats between the variables on axes `a` and `b` of joint `p`, given those on axes `given`."
     p = as_joint(p)
@@ -47,7 +47,7 @@ def mutual_information(p, a=0, b=1, given=()) -> float:
     H = lambda axes: entropy(p, axes) if axes else 0.0
     return H(a + c) + H(b + c) - H(a + b + c) - H(c)
 
-# %% ../nbs/05_information_bottleneck.ipynb #0f982285
+# %% ../nbs/05_information_bottleneck.ipynb #f5506136
 def correlated_bits(rho:float) -> np.ndarray:
     "p[m, t] of two fair bits with correlation `rho` in [-1, 1]: they agree with probability (1 + rho) / 2."
     if not -1 <= rho <= 1: raise ValueError(f"rho={rho}: a correlation must lie in [-1, 1]")
@@ -69,7 +69,7 @@ def encode(p_mt, channel) -> np.ndarray:
         raise ValueError("channel: each row p(. | m, t) must be non-negative and sum to 1")
     return p_mt[..., None] * channel
 
-# %% ../nbs/05_information_bottleneck.ipynb #a27d7fda
+# %% ../nbs/05_information_bottleneck.ipynb #7787e718
 def ib_terms(p_mtz) -> dict:
     "Exact information quantities (nats) of a joint p[m, t, z] of music, lyrics and representation."
     p = as_joint(p_mtz, 'p_mtz')
@@ -79,13 +79,13 @@ def ib_terms(p_mtz) -> dict:
                 I_mt_given_z=mutual_information(p, 0, 1, given=2), I_tz_given_m=mutual_information(p, 1, 2, given=0),
                 H_m=entropy(p, 0), H_t=entropy(p, 1), H_x=entropy(p, (0, 1)), H_z=entropy(p, 2))
 
-# %% ../nbs/05_information_bottleneck.ipynb #d658134f
+# %% ../nbs/05_information_bottleneck.ipynb #afcf553b
 def infonce_bound(loss, n:int):
     "The InfoNCE lower bound on I(m; t) in nats, log(n) - loss, for eq. (1)'s `loss` over `n` candidates."
     if int(n) != n or n < 1: raise ValueError(f"n={n}: the number of candidates must be a positive integer")
     return np.log(n) - np.asarray(loss, dtype=float)
 
-# %% ../nbs/05_information_bottleneck.ipynb #5bda82b7
+# %% ../nbs/05_information_bottleneck.ipynb #276bfbad
 def optimal_critic(p_mt) -> np.ndarray:
     "The critic that makes InfoNCE tightest: f(m, t) = log p(t | m) / p(t); -inf where p(m, t) = 0."
     p_mt = as_joint(p_mt, 'p_mt')
@@ -95,6 +95,7 @@ def optimal_critic(p_mt) -> np.ndarray:
 
 def infonce_loss(critic, m, t) -> np.ndarray:
     "Eq. (1) with music anchors for batches of pairs (m[..., i], t[..., i]) and a critic table `critic[m, t]`."
+    m, t = np.asarray(m), np.asarray(t)
     s = np.asarray(critic, dtype=float)[m[..., :, None], t[..., None, :]]   # s[..., i, k] = f(m_i, t_k)
     top = s.max(-1, keepdims=True)                                            # stable log-sum-exp over k
     logsumexp = np.log(np.exp(s - top).sum(-1)) + top[..., 0]
@@ -103,6 +104,8 @@ def infonce_loss(critic, m, t) -> np.ndarray:
 def infonce_losses(p_mt, n:int, n_batches:int, critic=None, seed:int=0) -> np.ndarray:
     "Eq. (1)'s loss on `n_batches` batches of `n` pairs drawn from `p_mt` (critic default: the optimal one)."
     p_mt = as_joint(p_mt, 'p_mt')
+    if int(n) != n or n < 1 or int(n_batches) != n_batches or n_batches < 1:
+        raise ValueError(f"n={n}, n_batches={n_batches}: both must be positive integers")
     critic = optimal_critic(p_mt) if critic is None else critic
     rng = np.random.default_rng(seed)
     losses = []
