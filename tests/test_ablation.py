@@ -21,6 +21,7 @@ def one_line(capsys, rc, *needles):
     (['--alphas', '0.02', '-p', 'epochs', 'two'], ["epochs='two'"]),
     (['--alphas', '0.02', '-p', 'lr', '1e-3', '-p', 'lr', '1e-4'], ['-p lr: given twice']),
     (['--alphas', '0.02', '0.020'], ['repeated']),
+    (['--alphas', '0.02', '-p', 'dataset', 'jsonl'], ['-p dataset', '--dataset']),
     (['--alphas', '0.02', '--dataset', 'jsonl'], ["dataset 'jsonl'", '--data']),
 ])
 def test_cli_bad_input_one_line_and_nothing_trained(tmp_path, capsys, args, needles):
