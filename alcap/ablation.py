@@ -4,19 +4,20 @@
 
 # %% ../nbs/06_ablation.ipynb #00000003
 from __future__ import annotations
-import argparse, io, json, math, shlex, sys, time
+import argparse, io, json, math, shlex, sys, textwrap, time
 from dataclasses import asdict, fields
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import seaborn as sns
+from matplotlib.figure import Figure
 
-from .data import atomic_write, user_errors
-# the papermill runner and the command-line value parser (moving to alcap.runs and alcap.core)
-from .demo import finished_run, repo_root, run_training_notebook, yaml_value
-from .evaluate import evaluate_run
+from .core import atomic_write, parse_value, repo_root, user_errors
+from .train import TrainConfig, _check_same_run, data_manifest, validate
+from .runs import finished_run, run_training_notebook
 from .retrieval import DEFAULT_MODEL
-from .train import TrainConfig, _check_same_run, data_manifest, hardware, validate
+from .evaluate import evaluate_run
 
 # %% auto #0
 __all__ = ['ALPHAS', 'SWEEP_KEYS', 'TABLE_COLUMNS', 'FIG5', 'sweep_method', 'run_name', 'check_grid', 'sweep_runs', 'score_run',
@@ -173,7 +174,6 @@ def _alpha_axis(ax, alphas):
 
 def _points(ax, df, hue=None, hue_order=None):
     "Mean ± 1 sample sd over seeds of each alpha: joined on the log axis, alpha = 0 alone."
-    import seaborn as sns
     kw = dict(x='x', y='value', hue=hue, hue_order=hue_order, errorbar='sd', err_style='bars', marker='o', ax=ax,
               err_kws=dict(capsize=3), palette='tab10' if hue else None, color=None if hue else 'C0')
     if (df['alpha'] > 0).any(): sns.lineplot(data=df[df['alpha'] > 0], **kw)
@@ -186,7 +186,6 @@ def _n_seeds(df) -> str:
 
 def _save(fig, path, title, provenance):
     "Title, provenance at the foot (the figure grows to hold it), written atomically as PNG."
-    import matplotlib.pyplot as plt, textwrap
     fig.suptitle(title)
     w, h = fig.get_size_inches()
     lines = textwrap.wrap(provenance or '', width=int(w * 19))  # about 19 characters of 7-point text per inch
@@ -196,16 +195,14 @@ def _save(fig, path, title, provenance):
     fig.tight_layout(rect=(0, foot / (h + foot), 1, 1))
     buf = io.BytesIO()
     fig.savefig(buf, format='png', dpi=110)
-    plt.close(fig)
     return atomic_write(path, buf.getvalue())
 
 def plot_fig5(table: pd.DataFrame, path, metrics: dict = FIG5, provenance: str|None = None) -> Path:
     "Figure 5: each captioning metric against alpha (mean ± 1 sd over seeds), one panel per metric."
-    import matplotlib; matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
     df = check_table(table, metrics)
     df = df.assign(x=df['alpha'].map(alpha_positions(df['alpha'])))
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.4), squeeze=False)
+    fig = Figure(figsize=(3.2 * len(metrics), 3.4))  # no pyplot: the caller's backend and figures are left alone
+    axes = fig.subplots(1, len(metrics), squeeze=False)
     for ax, (m, label) in zip(axes[0], metrics.items()):
         _points(ax, df[df['metric'] == m])
         _alpha_axis(ax, df['alpha'])
@@ -220,15 +217,13 @@ def retrieval_metrics(table: pd.DataFrame) -> dict:
 
 def plot_fig6(table: pd.DataFrame, path, provenance: str|None = None) -> Path:
     "Figure 6: p@k and r@k against alpha (mean ± 1 sd over seeds), one line per k."
-    import matplotlib; matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    import seaborn as sns
     kinds = retrieval_metrics(table)
     if not kinds['p'] or not kinds['r']: raise ValueError('sweep table: no p@k and r@k rows (was retrieval scored?)')
     df = check_table(table, kinds['p'] + kinds['r'])
     df = df.assign(x=df['alpha'].map(alpha_positions(df['alpha'])), k=df['metric'].str.split('@').str[1])
     ks = [m.split('@')[1] for m in kinds['p']]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    fig = Figure(figsize=(9, 3.6))
+    axes = fig.subplots(1, 2)
     for ax, kind, label in zip(axes, 'pr', ('precision p@k', 'recall r@k')):
         _points(ax, df[df['metric'].str.startswith(kind + '@')], hue='k', hue_order=ks)
         _alpha_axis(ax, df['alpha'])
@@ -335,7 +330,7 @@ def main(argv: list[str]|None = None):
     for k, v in args.param:
         if k in params: raise ValueError(f'-p {k}: given twice')
         if k in ('dataset', 'data_dir'): raise ValueError(f'-p {k}: pass it as --dataset or --data')
-        params[k] = yaml_value(v)
+        params[k] = parse_value(v)
     command = shlex.join(['alcap-ablation', *(sys.argv[1:] if argv is None else argv)])
     table = alpha_sweep(args.out, args.alphas, args.seeds, args.dataset, args.data, ks=args.ks,
                         retrieval_model=args.retrieval_model, command=command, **params)
