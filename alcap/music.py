@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 import torchaudio
 from safetensors.torch import load_file, save
+from fastcore.basics import patch
 from tqdm.auto import tqdm
 from transformers import BertConfig
 from transformers.models.bert.modeling_bert import BertEncoder, BertPooler
@@ -216,8 +217,9 @@ class MusiCNN(nn.Module):
         self.out = nn.Linear(n_dense, n_class)
 
 # %% ../nbs/01a_music.ipynb #68bb189b
+@patch
 @torch.no_grad()
-def _musicnn_forward(self: MusiCNN, x: torch.Tensor) -> dict:
+def forward(self: MusiCNN, x: torch.Tensor) -> dict:
     "Logits and intermediate features of a log-mel batch `x` (B, T, n_mels)."
     x = self.bn_input(x.unsqueeze(1))
     timbral = torch.cat([b(x) for b in self.timbral], 1)
@@ -234,7 +236,6 @@ def _musicnn_forward(self: MusiCNN, x: torch.Tensor) -> dict:
     t = lambda a: a.transpose(1, 2)
     return dict(logits=self.out(penultimate), timbral=t(timbral), temporal=t(temporal), cnn1=t(mids[0]), cnn2=t(mids[1]),
                 cnn3=t(mids[2]), frames=t(frames), mean_pool=mean, max_pool=mx, penultimate=penultimate)
-MusiCNN.forward = _musicnn_forward
 
 # %% ../nbs/01a_music.ipynb #ce4f580b
 def musicnn_state_dict_from_tf(w: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -381,7 +382,8 @@ class CNNSA(nn.Module):
         self.register_buffer('cls', torch.tensor(cls, dtype=torch.float32), persistent=False)
 
 # %% ../nbs/01a_music.ipynb #4144d410
-def _cnnsa_forward(self: CNNSA, wave: torch.Tensor) -> torch.Tensor:
+@patch
+def forward(self: CNNSA, wave: torch.Tensor) -> torch.Tensor:
     "h_m (B, 1 + frames, 256) of 16 kHz clips (B, N)."
     x = self.spec_bn(self.to_db(self.spec(wave)).unsqueeze(1))
     for i in range(1, 8): x = getattr(self, f'layer{i}')(x)
@@ -389,10 +391,10 @@ def _cnnsa_forward(self: CNNSA, wave: torch.Tensor) -> torch.Tensor:
     x = torch.cat([self.cls.expand(len(x), 1, -1), x], 1)
     return self.encoder(x).last_hidden_state
 
-def _cnnsa_tags(self: CNNSA, wave):
+@patch
+def tags(self: CNNSA, wave):
     "Tag probabilities (B, 50) of the reference's head (pooler on the CLS position, dense, sigmoid)."
     return torch.sigmoid(self.dense(self.dropout(self.pooler(self(wave)))))
-CNNSA.forward, CNNSA.tags = _cnnsa_forward, _cnnsa_tags
 
 # %% ../nbs/01a_music.ipynb #7829749c
 def load_cnnsa(checkpoint=None, seed: int = 0) -> CNNSA:
@@ -464,23 +466,35 @@ class FeatureCache:
         return self._shards[name]
 
 # %% ../nbs/01a_music.ipynb #9a4e0034
-def _fc_getitem(self: FeatureCache, song_id) -> np.ndarray:
+@patch
+def __getitem__(self: FeatureCache, song_id) -> np.ndarray:
     "h_m of `song_id` as an fp16 (l_m, d_m) array."
-    if song_id not in self._index: raise KeyError(f'{song_id!r} is not in the feature cache {self.path}')
+    if song_id not in self._index:
+        raise KeyError(f'{song_id!r} is not in the feature cache {self.path}')
     shard, row = self._index[song_id]
     return np.asarray(self._shard(shard)[row])
 
-FeatureCache.__getitem__ = _fc_getitem
-FeatureCache.__contains__ = lambda self, song_id: song_id in self._index
-FeatureCache.__len__ = lambda self: len(self._index)
-FeatureCache.ids = lambda self: list(self._index)
-FeatureCache.length = lambda self, song_id: self._lengths[song_id]  # real (unpadded) frames
-# what h_m was computed from (None: not recorded)
-FeatureCache.source = lambda self, song_id: self._sources.get(song_id)
-FeatureCache.__repr__ = lambda self: f'FeatureCache({str(self.path)!r}: {len(self)} songs, {self.encoder_name}, h_m {self.l_m} x {self.d_m})'
+@patch
+def __contains__(self: FeatureCache, song_id): return song_id in self._index
+@patch
+def __len__(self: FeatureCache): return len(self._index)
+@patch
+def ids(self: FeatureCache) -> list: return list(self._index)
+@patch
+def length(self: FeatureCache, song_id) -> int:
+    "The real (unpadded) frames of `song_id`'s h_m."
+    return self._lengths[song_id]
+@patch
+def source(self: FeatureCache, song_id) -> dict|None:
+    "What `song_id`'s h_m was computed from (`audio_source`), None when not recorded."
+    return self._sources.get(song_id)
+@patch
+def __repr__(self: FeatureCache):
+    return f'FeatureCache({str(self.path)!r}: {len(self)} songs, {self.encoder_name}, h_m {self.l_m} x {self.d_m})'
 
 # %% ../nbs/01a_music.ipynb #72e22be4
-def _fc_create(cls, path, encoder_name: str, config: dict, l_m: int, d_m: int) -> FeatureCache:
+@patch(cls_method=True)
+def create(cls: FeatureCache, path, encoder_name: str, config: dict, l_m: int, d_m: int) -> FeatureCache:
     "Open the cache at `path`, creating it for this encoder; refuse a folder made with another encoder or config."
     path = Path(path)
     man = dict(encoder=encoder_name, config=config, l_m=l_m, d_m=d_m, dtype='float16', layout='alcap-shards-v1')
@@ -495,7 +509,8 @@ def _fc_create(cls, path, encoder_name: str, config: dict, l_m: int, d_m: int) -
     return cls(path)
 
 # %% ../nbs/01a_music.ipynb #0f733ac1
-def _fc_append(self: FeatureCache, ids: list, h: np.ndarray, lengths: list, sources: list|None = None):
+@patch
+def append(self: FeatureCache, ids: list, h: np.ndarray, lengths: list, sources: list|None = None):
     "Commit one shard: `h` (n, l_m, d_m) for `ids` (and their `audio_source`s); the json marker is written last."
     h = np.asarray(h, dtype=np.float16)
     if h.shape != (len(ids), self.l_m, self.d_m): raise ValueError(f'expected {(len(ids), self.l_m, self.d_m)}, got {h.shape}')
@@ -528,7 +543,8 @@ def source_changed(src: dict|None, path) -> str|None:
         return f'{path}: its content changed since its features were computed'
     return None  # touched or copied, same bytes
 
-def _fc_stale(self: FeatureCache, songs) -> list[tuple[str, str]]:
+@patch
+def stale(self: FeatureCache, songs) -> list[tuple[str, str]]:
     "(id, why) of every cached song whose audio changed since its features were computed."
     out, seen, confirmed = [], set(), {}
     for s in songs:
@@ -547,8 +563,6 @@ def _fc_stale(self: FeatureCache, songs) -> list[tuple[str, str]]:
         try: atomic_write(self.path / 'verified.json', json.dumps(self._verified))
         except OSError: pass  # a read-only cache: the files are hashed again next time
     return out
-
-FeatureCache.create, FeatureCache.append, FeatureCache.stale = classmethod(_fc_create), _fc_append, _fc_stale
 
 # %% ../nbs/01a_music.ipynb #ffde9a3d
 class _Clips(torch.utils.data.Dataset):

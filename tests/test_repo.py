@@ -29,6 +29,7 @@ def test_settings_pins():
     assert {'nbdev==2.4.14', 'execnb<0.2', 'fastcore<2'} <= set(d['dev_requirements'].split())
     reqs = d['requirements'].split()
     assert 'torch==2.11.*' in reqs and 'torchaudio==2.11.*' in reqs
+    assert 'fastcore<2' in reqs  # alcap.music patches FeatureCache, MusiCNN and CNNSA with fastcore's @patch
     assert d['tst_flags'].split() == ['slow', 'gpu'] and d['allowed_cell_metadata_keys'] == 'tags'
     scripts = dict(l.strip().split('=', 1) for l in d['console_scripts'].strip().splitlines())
     import importlib
