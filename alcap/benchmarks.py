@@ -26,13 +26,16 @@ __all__ = ['SI_LYRICS_TOKENS', 'SI_CAPTION_TOKENS', 'SI_MAX_TOKENS', 'SIZES', 'H
            'run_benchmarks', 'limits', 'benchmarks_markdown', 'main', 'regime_losses', 'converge_both']
 
 # %% ../nbs/08_benchmarks.ipynb #9c772546
-SI_LYRICS_TOKENS, SI_CAPTION_TOKENS, SI_MAX_TOKENS = 351, 186, 512  # SI's mean token lengths (BART tokenizer), its truncation
-_SYLLABLES = ('ka', 'lo', 'mi', 'ra', 'te', 'su', 'no', 'vi', 'da', 're', 'po', 'la', 'ne', 'shi', 'to', 'mu', 'ga', 'be', 'fi', 'yo')
+SI_LYRICS_TOKENS, SI_CAPTION_TOKENS, SI_MAX_TOKENS = (351, 186,
+                                                      512)  # SI's mean token lengths (BART tokenizer), its truncation
+_SYLLABLES = ('ka', 'lo', 'mi', 'ra', 'te', 'su', 'no', 'vi', 'da', 're', 'po', 'la', 'ne', 'shi', 'to', 'mu', 'ga',
+              'be', 'fi', 'yo')
 
 def _words(n: int) -> list[str]:
     "A fixed vocabulary of `n` made-up words of one to three syllables."
     rng, words = np.random.default_rng(0), set()
-    while len(words) < n: words.add(''.join(_SYLLABLES[j] for j in rng.integers(len(_SYLLABLES), size=rng.integers(1, 4))))
+    while len(words) < n:
+        words.add(''.join(_SYLLABLES[j] for j in rng.integers(len(_SYLLABLES), size=rng.integers(1, 4))))
     return sorted(words)
 
 def _lengths(rng, n: int, mean: float, sigma: float, lo: int, hi: int) -> np.ndarray:
@@ -49,13 +52,15 @@ def si_shaped_songs(n: int, seed: int = 0, split: str = 'train', scale: float = 
     "`n` synthetic songs with SI's token lengths (times `scale`), seeded; captions and lyrics are made-up words."
     rng = np.random.default_rng([seed, {'train': 0, 'val': 1, 'test': 2}.get(split, 3)])
     words = np.array(_words(n_words))
-    p = 1 / np.arange(1, n_words + 1); p /= p.sum()
+    p = 1 / np.arange(1, n_words + 1)
+    p /= p.sum()
     hi = max(8, round(SI_MAX_TOKENS * scale))
     # a text of k tokens is k - 2 words between <s> and </s>
     n_lyr = _lengths(rng, n, SI_LYRICS_TOKENS * scale, 0.45, 8, hi) - 2
     n_cap = _lengths(rng, n, SI_CAPTION_TOKENS * scale, 0.6, 6, hi) - 2
     counts = np.stack([n_lyr, n_cap], 1).ravel()
-    drawn = words[rng.choice(n_words, size=int(counts.sum()), p=p)]     # all words in one draw: fast for thousands of songs
+    drawn = words[
+        rng.choice(n_words, size=int(counts.sum()), p=p)]  # all words in one draw: fast for thousands of songs
     texts = [' '.join(w) for w in np.split(drawn, np.cumsum(counts)[:-1])]
     return [Song(f'si-shaped-{seed}-{split}-{i:06d}', texts[2 * i], texts[2 * i + 1], split=split) for i in range(n)]
 
@@ -71,14 +76,16 @@ def train_flops(cfg, S, T, l_m: int = 0) -> float:
     enc = cfg.encoder_layers * (S * (4 * d * d + 2 * d * f) + 2 * S * S * d)
     n_fusion = len(cfg.fusion_positions()) if getattr(cfg, 'use_music', False) else 0
     fusion = n_fusion * (S * 2 * d * d + 2 * l_m * cfg.d_music * d + 2 * S * l_m * d)
-    dec = cfg.decoder_layers * (T * (4 * d * d + 2 * d * cfg.decoder_ffn_dim) + T * T * d + T * 2 * d * d + S * 2 * d * d + 2 * T * S * d)
+    dec = cfg.decoder_layers * (
+        T * (4 * d * d + 2 * d * cfg.decoder_ffn_dim) + T * T * d + T * 2 * d * d + S * 2 * d * d + 2 * T * S * d)
     head = T * d * V
     return float(3 * 2 * (enc + fusion + dec + head).sum())
 
 # %% ../nbs/08_benchmarks.ipynb #07ed1514
 SIZES = {
-    'full': dict(scale=1.0, n_train=5200, n_test=800, l_m=119, d_m=256, batch_size=26, ref_steps=20, warmup=30, steps=120,
-                 sweep=(52, 104, 208), num_beams=4, max_new_tokens=256, ref_gen_batch=12, ref_gen_batches=2, profile_steps=4),
+    'full': dict(scale=1.0, n_train=5200, n_test=800, l_m=119, d_m=256, batch_size=26, ref_steps=20, warmup=30,
+                 steps=120, sweep=(52, 104, 208), num_beams=4, max_new_tokens=256, ref_gen_batch=12, ref_gen_batches=2,
+                 profile_steps=4),
     'tiny': dict(scale=1 / 8, n_train=160, n_test=16, l_m=16, d_m=32, batch_size=8, ref_steps=3, warmup=2, steps=6,
                  sweep=(16,), num_beams=4, max_new_tokens=16, ref_gen_batch=4, ref_gen_batches=1, profile_steps=2),
 }
@@ -87,14 +94,22 @@ def _max_len(p: dict) -> int: return max(8, round(SI_MAX_TOKENS * p['scale']))
 
 def si_model(size: str, tokenizer, d_m: int, method: str = 'alcap'):
     "The captioner benchmarked: bart-base sized ('full') or tiny, random init, fusion after the last two encoder layers."
-    special = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                   decoder_start_token_id=tokenizer.eos_token_id, forced_bos_token_id=tokenizer.bos_token_id)
+    special = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                   eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.eos_token_id,
+                   forced_bos_token_id=tokenizer.bos_token_id)
     drop = dict(dropout=0.1, attention_dropout=0.0, activation_dropout=0.0, scale_embedding=True)  # as build_model
-    if size == 'full': base = bart_base_config(50265, **special, **drop)   # BART's vocabulary: the LM head costs what it costs in SI runs
-    else: base = tiny_bart_config(len(tokenizer), d_model=64, layers=2, heads=4, ffn=256, max_positions=130, **special, **drop)
+    if size == 'full':
+        base = bart_base_config(
+            50265, **special, **drop)  # BART's vocabulary: the LM head costs what it costs in SI runs
+    else:
+        base = tiny_bart_config(
+            len(tokenizer), d_model=64, layers=2, heads=4, ffn=256, max_positions=130, **special, **drop)
     alpha = 0.02 if method == 'alcap' else 0.0
-    fusion = [-2, -1] if size == 'full' else [-1]     # the tiny encoder has two layers: h_t from the first, fusion after the second
-    return AlcapForConditionalGeneration.from_bart_config(base, method=method, alpha=alpha, d_music=d_m, fusion_layers=fusion, fusion_scale=0.1)
+    fusion = (
+        [-2, -1] if size == 'full' else [-1]
+    )  # the tiny encoder has two layers: h_t from the first, fusion after the second
+    return AlcapForConditionalGeneration.from_bart_config(
+        base, method=method, alpha=alpha, d_music=d_m, fusion_layers=fusion, fusion_scale=0.1)
 
 def regime_config(regime: str, size: str, torch_compile: bool = False) -> TrainConfig:
     "The trainer configuration of the 'reference' regime (the original code's) or 'ours' (the trainer's defaults)."
@@ -112,7 +127,8 @@ def regime_config(regime: str, size: str, torch_compile: bool = False) -> TrainC
 def regime_collator(regime: str, c: TrainConfig, tokenizer) -> Collator:
     "The reference pads every batch to the longest possible item (512 + 512); ours pads to buckets of 64."
     multiple = c.max_source_len if regime == 'reference' else max(8, c.max_source_len // 8)
-    return Collator(tokenizer.pad_token_id, multiple=multiple, max_source_len=c.max_source_len, max_target_len=c.max_target_len)
+    return Collator(
+        tokenizer.pad_token_id, multiple=multiple, max_source_len=c.max_source_len, max_target_len=c.max_target_len)
 
 # %% ../nbs/08_benchmarks.ipynb #6d2ad34a
 def _sync(device):
@@ -122,18 +138,23 @@ def _peak_gb(device) -> float|None:
     return round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == 'cuda' else None
 
 def _reset_peak(device):
-    if device.type == 'cuda': torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats(device)
+    if device.type == 'cuda':
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
 
 def matmul_peak_tflops(device, n: int|None = None, iters: int|None = None) -> dict:
     "Measured dense matmul throughput: bf16 on a GPU (the MFU reference), fp32 on a CPU."
     cuda = device.type == 'cuda'
-    n, iters, dtype = n or (8192 if cuda else 512), iters or (40 if cuda else 5), torch.bfloat16 if cuda else torch.float32
+    n, iters, dtype = (n or (8192 if cuda else 512), iters or (40 if cuda else 5),
+                       torch.bfloat16 if cuda else torch.float32)
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3): a @ b
-    _sync(device); t0 = time.perf_counter()
+    _sync(device)
+    t0 = time.perf_counter()
     for _ in range(iters): a @ b
     _sync(device)
-    return dict(tflops=round(2 * n**3 * iters / (time.perf_counter() - t0) / 1e12, 2), dtype=str(dtype).replace('torch.', ''), n=n)
+    return dict(tflops=round(2 * n**3 * iters / (time.perf_counter() - t0) / 1e12, 2),
+                dtype=str(dtype).replace('torch.', ''), n=n)
 
 def _epochs(dataset, sampler, collate, c, device):
     "Batches from the trainer's loader, epoch after epoch (a new epoch restarts the workers, as in training)."
@@ -143,38 +164,56 @@ def _epochs(dataset, sampler, collate, c, device):
         yield from train_loader(dataset, sampler, collate, c, device)
         epoch += 1
 
-def measure_training(model, dataset, collate, c: TrainConfig, device, steps: int, warmup: int = 2, time_cap: float = math.inf,
-                     grouped: bool = True, seed: int = 0, log_every: int|None = None) -> dict:
+def measure_training(model, dataset, collate, c: TrainConfig, device, steps: int, warmup: int = 2,
+                     time_cap: float = math.inf, grouped: bool = True, seed: int = 0,
+                     log_every: int | None = None) -> dict:
     "Wall-clock training throughput of the trainer's step on `dataset` (data loading included), after `warmup` steps."
-    sampler = LengthGroupedBatchSampler(dataset.lengths, c.batch_size, shuffle=True, seed=seed, mega_batch_mult=16 if grouped else 1)
+    sampler = LengthGroupedBatchSampler(
+        dataset.lengths, c.batch_size, shuffle=True, seed=seed, mega_batch_mult=16 if grouped else 1)
     opt, sched = build_optimizer(c, model, steps + warmup + 1)
     fwd = torch.compile(model) if c.torch_compile and device.type == 'cuda' else model
-    model.train(); _reset_peak(device)
+    model.train()
+    _reset_peak(device)
     window, rows, shapes = StepWindow(log_every or (10 if device.type == 'cuda' else 1)), [], set()
     n = dict(samples=0, tokens=0, padded=0, flops=0.0)
     batches, t_start, t0, done = _epochs(dataset, sampler, collate, c, device), time.perf_counter(), None, 0
     for k in range(warmup + steps):
-        if k == warmup:                                # the clock starts once the warm-up's work is finished
-            rows += window.flush(); _sync(device)
+        if k == warmup:  # the clock starts once the warm-up's work is finished
+            rows += window.flush()
+            _sync(device)
             t0, n = time.perf_counter(), dict(samples=0, tokens=0, padded=0, flops=0.0)
         b = next(batches)
         S, T = b['attention_mask'].sum(1).numpy(), b['labels'].ne(-100).sum(1).numpy()
         shapes.add((b['input_ids'].shape[1], b['labels'].shape[1]))
-        n['samples'] += len(S); n['tokens'] += int(S.sum() + T.sum()); n['padded'] += b['input_ids'].numel() + b['labels'].numel()
+        n['samples'] += len(S)
+        n['tokens'] += int(S.sum() + T.sum())
+        n['padded'] += b['input_ids'].numel() + b['labels'].numel()
         n['flops'] += train_flops(model.config, S, T, b['music_features'].shape[1] if 'music_features' in b else 0)
         if window.add(len(S), train_step(fwd, model, b, opt, sched, c, device), step=k + 1): rows += window.flush()
         done = k + 1 - warmup
         if t0 is not None and not window.rows and time.perf_counter() - t_start > time_cap: break
-    rows += window.flush(); _sync(device)
+    rows += window.flush()
+    _sync(device)
     dt = time.perf_counter() - t0
     del opt, sched
-    return dict(batch_size=c.batch_size, steps=done, warmup_steps=warmup, seconds=round(dt, 2),
-                samples_per_s=round(n['samples'] / dt, 2), tokens_per_s=round(n['tokens'] / dt), flops_per_s=n['flops'] / dt,
-                padding_fraction=round(1 - n['tokens'] / n['padded'], 3), distinct_shapes=len(shapes),
-                precision='bf16 autocast' if (c.precision == 'bf16' or (c.precision == 'auto' and device.type == 'cuda')) else 'fp32',
-                optimizer=f"{c.optimizer}{' (fused)' if c.optimizer == 'adamw' and device.type == 'cuda' else ''}",
-                peak_memory_gb=_peak_gb(device), final_loss=round(float(np.mean([r['loss'] for r in rows[-10:]])), 4) if rows else None,
-                losses=[r['loss'] for r in rows])
+    return dict(
+        batch_size=c.batch_size,
+        steps=done,
+        warmup_steps=warmup,
+        seconds=round(dt, 2),
+        samples_per_s=round(n['samples'] / dt, 2),
+        tokens_per_s=round(n['tokens'] / dt),
+        flops_per_s=n['flops'] / dt,
+        padding_fraction=round(1 - n['tokens'] / n['padded'], 3),
+        distinct_shapes=len(shapes),
+        precision='bf16 autocast'
+        if (c.precision == 'bf16' or (c.precision == 'auto' and device.type == 'cuda'))
+        else 'fp32',
+        optimizer=f"{c.optimizer}{' (fused)' if c.optimizer == 'adamw' and device.type == 'cuda' else ''}",
+        peak_memory_gb=_peak_gb(device),
+        final_loss=round(float(np.mean([r['loss'] for r in rows[-10:]])), 4) if rows else None,
+        losses=[r['loss'] for r in rows],
+    )
 
 # %% ../nbs/08_benchmarks.ipynb #d3a69a2b
 def measure_loader(dataset, collate, c: TrainConfig, device, batches: int = 50, seed: int = 0) -> dict:
@@ -198,16 +237,20 @@ def measure_generation(model, dataset, tokenizer, collate, c: TrainConfig, devic
     for chunk in chunks[:max_batches]:
         if done and time.perf_counter() - t0 > time_cap: break
         stats = {}
-        generate_captions(model, dataset, tokenizer, collate, c, device, indices=chunk, batch_size=batch_size, stats=stats)
-        done += 1; tokens += stats['new_tokens']
+        generate_captions(
+            model, dataset, tokenizer, collate, c, device, indices=chunk, batch_size=batch_size, stats=stats)
+        done += 1
+        tokens += stats['new_tokens']
     _sync(device)
     dt, songs = time.perf_counter() - t0, sum(len(ch) for ch in chunks[:done])
     total = dt * len(chunks) / done
     return dict(songs=len(idx), songs_timed=songs, batch_size=batch_size, batches=len(chunks), batches_timed=done,
                 seconds_timed=round(dt, 2), seconds=round(total, 1), extrapolated=done < len(chunks),
-                new_tokens_per_song=round(tokens / songs, 1), tokens_per_s=round(tokens / dt), songs_per_s=round(songs / dt, 2),
-                num_beams=c.num_beams, max_new_tokens=c.max_new_tokens, do_sample=c.do_sample,
-                precision='fp32' if c.precision == 'fp32' or device.type != 'cuda' else 'bf16 autocast', peak_memory_gb=_peak_gb(device))
+                new_tokens_per_song=round(tokens / songs, 1), tokens_per_s=round(tokens / dt),
+                songs_per_s=round(songs / dt, 2), num_beams=c.num_beams, max_new_tokens=c.max_new_tokens,
+                do_sample=c.do_sample,
+                precision='fp32' if c.precision == 'fp32' or device.type != 'cuda' else 'bf16 autocast',
+                peak_memory_gb=_peak_gb(device))
 
 # %% ../nbs/08_benchmarks.ipynb #de936cf4
 _KINDS = (('matmul', ('gemm', 'cutlass', 'xmma', 'nvjet', 'sm90_', 'sm80_', 'aten::mm', 'aten::addmm', 'aten::bmm')),
@@ -243,10 +286,12 @@ def profile_training(model, dataset, collate, c: TrainConfig, device, steps: int
     kinds = {}
     for name, t in timed: kinds[_kind(name)] = kinds.get(_kind(name), 0) + t
     top = sorted(timed, key=lambda x: -x[1])[:12]
-    return dict(steps=steps, batch_size=c.batch_size, wall_s=round(wall, 3), device_busy_fraction=round(total / 1e6 / wall, 3) if cuda else None,
-                time_by_kind={k: round(v / total, 3) for k, v in sorted(kinds.items(), key=lambda x: -x[1])},
-                top=[dict(name=n[:90], share=round(t / total, 3), ms_per_step=round(t / 1e3 / steps, 2)) for n, t in top],
-                table=events.table(sort_by=sort_by, row_limit=15, max_name_column_width=60))
+    return dict(
+        steps=steps, batch_size=c.batch_size, wall_s=round(wall, 3),
+        device_busy_fraction=round(total / 1e6 / wall, 3) if cuda else None,
+        time_by_kind={k: round(v / total, 3) for k, v in sorted(kinds.items(), key=lambda x: -x[1])},
+        top=[dict(name=n[:90], share=round(t / total, 3), ms_per_step=round(t / 1e3 / steps, 2)) for n, t in top],
+        table=events.table(sort_by=sort_by, row_limit=15, max_name_column_width=60))
 
 # %% ../nbs/08_benchmarks.ipynb #65222951
 def versions() -> dict:
@@ -259,8 +304,9 @@ def versions() -> dict:
                                  cwd=Path(__file__).resolve().parent).stdout.strip() or None
     except (OSError, subprocess.SubprocessError, NameError): commit = None
     v = dict(python=platform.python_version(), torch=torch.__version__, cuda=torch.version.cuda,
-             cudnn=torch.backends.cudnn.version() if torch.cuda.is_available() else None, transformers=transformers.__version__,
-             tokenizers=ver('tokenizers'), numpy=np.__version__, alcap_commit=commit)
+             cudnn=torch.backends.cudnn.version() if torch.cuda.is_available() else None,
+             transformers=transformers.__version__, tokenizers=ver('tokenizers'), numpy=np.__version__,
+             alcap_commit=commit)
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
         v.update(gpu=p.name, gpu_memory_gb=round(p.total_memory / 2**30, 1))
@@ -275,15 +321,17 @@ def version_warnings(v: dict) -> list[str]:
 
 def smoke_check(device):
     "A tiny captioner's training step and a 3-token beam search on `device`; raises what the libraries raise."
-    m = AlcapForConditionalGeneration.from_bart_config(tiny_bart_config(), 'alcap', d_music=8, fusion_layers=[1]).to(device)
+    m = AlcapForConditionalGeneration.from_bart_config(tiny_bart_config(), 'alcap', d_music=8, fusion_layers=[1]).to(
+        device)
     ids = torch.randint(4, 99, (2, 9), device=device)
     music = torch.randn(2, 5, 8, device=device)
     m(input_ids=ids, labels=ids, music_features=music, song_ids=torch.arange(2, device=device)).loss.backward()
     m.eval().generate(input_ids=ids, music_features=music, num_beams=2, max_new_tokens=3)
 
 # %% ../nbs/08_benchmarks.ipynb #a5311c2f
-HEADLINE = ('train_samples_per_s', 'reference_train_samples_per_s', 'train_speedup', 'best_batch_size', 'best_batch_samples_per_s',
-            'generate_test_s', 'reference_generate_test_s', 'generate_speedup', 'generate_tokens_per_s', 'train_mfu')
+HEADLINE = ('train_samples_per_s', 'reference_train_samples_per_s', 'train_speedup', 'best_batch_size',
+            'best_batch_samples_per_s', 'generate_test_s', 'reference_generate_test_s', 'generate_speedup',
+            'generate_tokens_per_s', 'train_mfu')
 
 class _Run:
     "Results so far, the phases done, the budget, and the files they are written to after every phase."
@@ -297,26 +345,32 @@ class _Run:
         "Run `fn` if `need_s` seconds are left; record its time, or why it did not run or failed; write the files."
         t0 = time.perf_counter()
         if self.left() < need_s:
-            self.R['phases'].append(dict(name=name, status=f'skipped: {self.left():.0f} s left, needs about {need_s:.0f} s'))
+            self.R['phases'].append(
+                dict(name=name, status=f'skipped: {self.left():.0f} s left, needs about {need_s:.0f} s'))
             print(f'[{self.elapsed():6.1f} s] {name}: skipped ({self.left():.0f} s of the budget left)', flush=True)
-            self.save(); return None
+            self.save()
+            return None
         print(f'[{self.elapsed():6.1f} s] {name} ...', flush=True)
         res = oom = None
         try: res = fn()
         except torch.OutOfMemoryError as e:
             oom = f'out of memory: {str(e).splitlines()[0][:200]}'
-        except Exception as e:                         # recorded, with its traceback in a file; the next phases still run
-            self.R['phases'].append(dict(name=name, status=f'error: {type(e).__name__}: {(str(e).splitlines() or [""])[0][:300]}'))
-            with open(self.out/'benchmarks_errors.txt', 'a') as f: f.write(f'--- {name}\n{traceback.format_exc()}\n')
-            print(f'[{self.elapsed():6.1f} s] {name}: {self.R["phases"][-1]["status"]} (traceback in {self.out/"benchmarks_errors.txt"})', flush=True)
+        except Exception as e:  # recorded, with its traceback in a file; the next phases still run
+            self.R['phases'].append(
+                dict(name=name, status=f'error: {type(e).__name__}: {(str(e).splitlines() or [""])[0][:300]}'))
+            errors = self.out/'benchmarks_errors.txt'
+            with open(errors, 'a') as f: f.write(f'--- {name}\n{traceback.format_exc()}\n')
+            print(f'[{self.elapsed():6.1f} s] {name}: {self.R["phases"][-1]["status"]} (traceback in {errors})', flush=True)
             if fatal: self.R['status'] = 'error'
             self.save()
             if fatal: raise
             return None
-        if oom:                                        # the failed step's tensors are released by now
-            self.R['phases'].append(dict(name=name, status=oom)); torch.cuda.empty_cache()
+        if oom:  # the failed step's tensors are released by now
+            self.R['phases'].append(dict(name=name, status=oom))
+            torch.cuda.empty_cache()
         else: self.R['phases'].append(dict(name=name, status='done', seconds=round(time.perf_counter() - t0, 1)))
-        print(f'[{self.elapsed():6.1f} s] {name}: {self.R["phases"][-1]["status"]} in {time.perf_counter() - t0:.1f} s', flush=True)
+        status = self.R['phases'][-1]['status']
+        print(f'[{self.elapsed():6.1f} s] {name}: {status} in {time.perf_counter() - t0:.1f} s', flush=True)
         self.save()
         return res
 
@@ -328,146 +382,239 @@ class _Run:
         atomic_write(self.out/'benchmarks.json', json.dumps(body, indent=1, default=str) + '\n')
         atomic_write(self.out/'benchmarks.md', benchmarks_markdown(body))
 
-# %% ../nbs/08_benchmarks.ipynb #9390c1ee
-def run_benchmarks(out, size: str = 'auto', budget_s: float = 330, torch_compile: bool = False, seed: int = 0,
-                   t_start: float|None = None, command: str|None = None) -> dict:
-    "Run the whole workload within `budget_s` seconds (from `t_start`), writing `out/benchmarks.{json,md}` as it goes."
+# %% ../nbs/08_benchmarks.ipynb #f9014fc2
+def _start(out, size: str, budget_s: float, torch_compile: bool, seed: int, t_start, command) -> tuple:
+    "The device, the size, and a `_Run` whose files already hold the versions, hardware and command."
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     size = ('full' if device.type == 'cuda' else 'tiny') if size == 'auto' else size
     if size not in SIZES: raise ValueError(f"size={size!r}: must be 'auto', 'tiny' or 'full'")
-    if size == 'full' and device.type != 'cuda': raise ValueError("size='full' needs a CUDA GPU (on a CPU it would take hours): use size='tiny'")
-    p = SIZES[size]
+    if size == 'full' and device.type != 'cuda':
+        raise ValueError("size='full' needs a CUDA GPU (on a CPU it would take hours): use size='tiny'")
     run = _Run(out, budget_s, t_start if t_start is not None else time.perf_counter())
-    R = run.R
     v = versions()
-    R.update(size=size, device=device.type, hardware=hardware(), versions=v, version_warnings=version_warnings(v),
-             date=time.strftime('%Y-%m-%d %H:%M:%S %Z'), seed=seed, budget_s=budget_s,
-             command=command or f'python -m alcap.benchmarks --out {out} --size {size} --budget-s {budget_s:g}' + (' --compile' if torch_compile else ''))
+    default_command = f'python -m alcap.benchmarks --out {out} --size {size} --budget-s {budget_s:g}'
+    run.R.update(size=size, device=device.type, hardware=hardware(), versions=v, version_warnings=version_warnings(v),
+                 date=time.strftime('%Y-%m-%d %H:%M:%S %Z'), seed=seed, budget_s=budget_s,
+                 command=command or default_command + (' --compile' if torch_compile else ''))
     print('versions: ' + ', '.join(f'{k} {x}' for k, x in v.items()), flush=True)
-    for w in R['version_warnings']: print(f'warning: {w}', flush=True)
-    if size == 'tiny': R['notes'].append('tiny size' + (' on a CPU' if device.type == 'cpu' else '') + ': a tiny BART and songs an eighth as long; these numbers say nothing about GPU speed')
+    for w in run.R['version_warnings']: print(f'warning: {w}', flush=True)
+    if size == 'tiny':
+        where = ' on a CPU' if device.type == 'cpu' else ''
+        run.R['notes'].append(f'tiny size{where}: a tiny BART and songs an eighth as long; '
+                              'these numbers say nothing about GPU speed')
     run.save()
-    if device.type == 'cuda':
-        torch.backends.cuda.matmul.allow_tf32 = False   # fp32 stays fp32 in the reference regime, as in the original
-    run.phase('smoke check', 1, lambda: smoke_check(device), fatal=True)
+    return device, size, run
 
-    R['peak'] = run.phase('bf16 matmul peak', 2, lambda: matmul_peak_tflops(device))
+# %% ../nbs/08_benchmarks.ipynb #da6ad2e8
+def _si_data(R: dict, p: dict, seed: int) -> tuple:
+    "The tokenizer and the train/test `SongDataset`s of SI-shaped songs with CNNSA-shaped music; `R['workload']`."
+    t0 = time.perf_counter()
+    songs = {k: si_shaped_songs(p[f'n_{k}'], seed, k, p['scale']) for k in ('train', 'test')}
+    tok = si_tokenizer(songs['train'])
+    rng = np.random.default_rng(seed)
+    pool = rng.standard_normal((64, p['l_m'], p['d_m'])).astype(np.float16)  # CNNSA-shaped music, 64 distinct excerpts
+    feats = {s.id: pool[i % 64] for k in songs for i, s in enumerate(songs[k])}
+    t1 = time.perf_counter()
+    ds = {k: SongDataset(v, tok, feats, _max_len(p), _max_len(p)) for k, v in songs.items()}
+    tokenize_s = time.perf_counter() - t1
+    R['workload'] = dict(train_songs=len(ds['train']), test_songs=len(ds['test']), l_m=p['l_m'], d_m=p['d_m'],
+                         mean_lyrics_tokens=round(float(np.mean([len(x) for x in ds['train'].input_ids])), 1),
+                         mean_caption_tokens=round(float(np.mean([len(x) for x in ds['train'].labels])), 1),
+                         generator=f"alcap.benchmarks.si_shaped_songs(n, seed={seed}, split, scale={p['scale']:g})",
+                         tokenize_s=round(tokenize_s, 2), data_s=round(time.perf_counter() - t0, 2))
+    return tok, ds
 
-    def data():
-        t0 = time.perf_counter()
-        songs = {k: si_shaped_songs(p[f'n_{k}'], seed, k, p['scale']) for k in ('train', 'test')}
-        tok = si_tokenizer(songs['train'])
-        rng = np.random.default_rng(seed)
-        pool = rng.standard_normal((64, p['l_m'], p['d_m'])).astype(np.float16)   # CNNSA-shaped music, 64 distinct excerpts
-        feats = {s.id: pool[i % 64] for k in songs for i, s in enumerate(songs[k])}
-        t1 = time.perf_counter()
-        ds = {k: SongDataset(v, tok, feats, _max_len(p), _max_len(p)) for k, v in songs.items()}
-        tokenize_s = time.perf_counter() - t1
-        R['workload'] = dict(train_songs=len(ds['train']), test_songs=len(ds['test']), l_m=p['l_m'], d_m=p['d_m'],
-                             mean_lyrics_tokens=round(float(np.mean([len(x) for x in ds['train'].input_ids])), 1),
-                             mean_caption_tokens=round(float(np.mean([len(x) for x in ds['train'].labels])), 1),
-                             generator=f"alcap.benchmarks.si_shaped_songs(n, seed={seed}, split, scale={p['scale']:g})",
-                             tokenize_s=round(tokenize_s, 2), data_s=round(time.perf_counter() - t0, 2))
-        return tok, ds
-    made = run.phase('SI-shaped data', 5, data, fatal=True)
-    if made is None:                                   # out of budget before anything could be measured
-        R['status'] = 'partial'; run.save(); return R
-    tok, ds = made
-    seed_everything(seed)
-    model = si_model(size, tok, p['d_m']).to(device)
-    init = {k: x.detach().clone() for k, x in model.state_dict().items()}   # every measurement starts from these weights
-    R['model'] = (f"{'bart-base sized BART (6+6 layers, d_model 768, vocabulary 50,265)' if size == 'full' else 'tiny BART (2+2 layers, d_model 64)'}"
-                  f", random init, ALCAP (fusion after encoder layers {model.config.fusion_positions()}, alpha 0.02), "
-                  f"{sum(x.numel() for x in model.parameters()) / 1e6:.1f} M parameters")
-    cfg = {r: regime_config(r, size) for r in ('reference', 'ours')}
-    col = {r: regime_collator(r, cfg[r], tok) for r in ('reference', 'ours')}
-    peak = (R.get('peak') or {}).get('tflops')
-    train = R.setdefault('train', {})
+# %% ../nbs/08_benchmarks.ipynb #b50a0873
+@dataclasses.dataclass
+class _Workload:
+    "What every measuring phase uses; `train` measures one regime from the same initial weights."
+    run: _Run
+    device: torch.device
+    size: str
+    seed: int
+    tok: object
+    ds: dict
+    model: torch.nn.Module
+    init: dict       # the model's initial weights: every measurement starts from them
+    cfg: dict        # regime -> TrainConfig
+    col: dict        # regime -> Collator
 
-    def train_phase(regime, batch_size=None, steps=None, warmup=None, cap=math.inf, compiled=False):
-        model.load_state_dict(init); model.zero_grad(set_to_none=True)
-        c = dataclasses.replace(cfg[regime], batch_size=batch_size or cfg[regime].batch_size, torch_compile=compiled)
-        r = measure_training(model, ds['train'], col[regime], c, device, steps or p['steps'], p['warmup'] if warmup is None else warmup,
-                             time_cap=cap, grouped=regime == 'ours', seed=seed)
+    @property
+    def p(self) -> dict: return SIZES[self.size]
+
+    def need(self, full_s: float) -> float:
+        "Seconds a phase needs at full size; at tiny size any phase fits in one."
+        return full_s if self.size == 'full' else 1
+
+    def train(self, regime, batch_size=None, steps=None, warmup=None, cap=math.inf, compiled=False) -> dict:
+        self.model.load_state_dict(self.init)
+        self.model.zero_grad(set_to_none=True)
+        c = dataclasses.replace(self.cfg[regime], batch_size=batch_size or self.cfg[regime].batch_size,
+                                torch_compile=compiled)
+        warmup = self.p['warmup'] if warmup is None else warmup
+        r = measure_training(self.model, self.ds['train'], self.col[regime], c, self.device, steps or self.p['steps'],
+                             warmup, time_cap=cap, grouped=regime == 'ours', seed=self.seed)
+        peak = (self.run.R.get('peak') or {}).get('tflops')
         r['mfu'] = round(r['flops_per_s'] / (peak * 1e12), 4) if peak else None
         r.pop('losses')
         return r
 
-    ref = run.phase('training, reference regime', 20 if size == 'full' else 1,
-                    lambda: train_phase('reference', steps=p['ref_steps'], warmup=2, cap=25))
-    if ref: train['reference'] = ref; R['reference_train_samples_per_s'] = ref['samples_per_s']
-    ours = run.phase('training, ours', 40 if size == 'full' else 1, lambda: train_phase('ours', cap=45))
+# %% ../nbs/08_benchmarks.ipynb #3a6ed1b1
+def _workload(run: _Run, device, size: str, seed: int, tok, ds: dict) -> _Workload:
+    "The random-init ALCAP captioner of `size` and each regime's configuration; `R['model']` describes the model."
+    seed_everything(seed)
+    model = si_model(size, tok, SIZES[size]['d_m']).to(device)
+    init = {k: x.detach().clone() for k, x in model.state_dict().items()}
+    if size == 'full': shape = 'bart-base sized BART (6+6 layers, d_model 768, vocabulary 50,265)'
+    else: shape = 'tiny BART (2+2 layers, d_model 64)'
+    run.R['model'] = (f"{shape}, random init, ALCAP (fusion after encoder layers {model.config.fusion_positions()}, "
+                      f"alpha 0.02), {sum(x.numel() for x in model.parameters()) / 1e6:.1f} M parameters")
+    cfg = {r: regime_config(r, size) for r in ('reference', 'ours')}
+    col = {r: regime_collator(r, cfg[r], tok) for r in ('reference', 'ours')}
+    return _Workload(run, device, size, seed, tok, ds, model, init, cfg, col)
+
+# %% ../nbs/08_benchmarks.ipynb #d46f8ce1
+def _training_phases(w: _Workload) -> dict|None:
+    "Training throughput of both regimes at the paper's batch; ours' measurement (None if it did not run)."
+    R, train = w.run.R, w.run.R.setdefault('train', {})
+    ref = w.run.phase('training, reference regime', w.need(20),
+                      lambda: w.train('reference', steps=w.p['ref_steps'], warmup=2, cap=25))
+    if ref:
+        train['reference'] = ref
+        R['reference_train_samples_per_s'] = ref['samples_per_s']
+    ours = w.run.phase('training, ours', w.need(40), lambda: w.train('ours', cap=45))
     if ours:
         train['ours'] = ours
-        R.update(train_samples_per_s=ours['samples_per_s'], train_mfu=ours['mfu'], train_tokens_per_s=ours['tokens_per_s'])
+        R.update(train_samples_per_s=ours['samples_per_s'], train_mfu=ours['mfu'],
+                 train_tokens_per_s=ours['tokens_per_s'])
         if ref: R['train_speedup'] = round(ours['samples_per_s'] / ref['samples_per_s'], 2)
+    return ours
 
-    gen_c = dict(ours=cfg['ours'], reference=cfg['reference'])
+# %% ../nbs/08_benchmarks.ipynb #08e02251
+def _generation_phases(w: _Workload) -> dict|None:
+    "Captioning the test songs, ours then the original regime on a subset; ours' measurement (None if it did not run)."
+    R, p, ds = w.run.R, w.p, w.ds
     # every caption runs to the token limit, in both regimes: the same work, the worst case (random weights might stop
     # at a sampled </s> in one regime and not in the other)
-    model.generation_config.min_new_tokens = p['max_new_tokens']
-    R['notes'].append(f"generation: min_new_tokens = max_new_tokens = {p['max_new_tokens']}, so every caption in both regimes has exactly that many tokens")
-    g = run.phase(f"generation, ours, {p['n_test']} songs", 30 if size == 'full' else 1,
-                  lambda: measure_generation(model, ds['test'], tok, col['ours'], gen_c['ours'], device,
-                                             batch_size=128 if device.type == 'cuda' else 8, time_cap=max(10, run.left() - 60)))
+    w.model.generation_config.min_new_tokens = p['max_new_tokens']
+    R['notes'].append(f"generation: min_new_tokens = max_new_tokens = {p['max_new_tokens']}, "
+                      "so every caption in both regimes has exactly that many tokens")
+    g = w.run.phase(f"generation, ours, {p['n_test']} songs", w.need(30),
+                    lambda: measure_generation(w.model, ds['test'], w.tok, w.col['ours'], w.cfg['ours'], w.device,
+                                               batch_size=128 if w.device.type == 'cuda' else 8,
+                                               time_cap=max(10, w.run.left() - 60)))
     if g:
         R['generation'] = dict(ours=g)
         R.update(generate_test_s=g['seconds'], generate_tokens_per_s=g['tokens_per_s'])
-        if g['extrapolated']: R['notes'].append(f"ours' generation was cut by the budget after {g['batches_timed']} of {g['batches']} batches and extrapolated")
-    gr = run.phase('generation, original regime (subset)', 20 if size == 'full' else 1,
-                   lambda: measure_generation(model, ds['test'], tok, col['reference'], gen_c['reference'], device,
-                                              batch_size=p['ref_gen_batch'], sort=False, max_batches=p['ref_gen_batches']))
+        if g['extrapolated']:
+            R['notes'].append(f"ours' generation was cut by the budget after {g['batches_timed']} of "
+                              f"{g['batches']} batches and extrapolated")
+    gr = w.run.phase('generation, original regime (subset)', w.need(20),
+                     lambda: measure_generation(w.model, ds['test'], w.tok, w.col['reference'], w.cfg['reference'],
+                                                w.device, batch_size=p['ref_gen_batch'], sort=False,
+                                                max_batches=p['ref_gen_batches']))
     if gr:
         gr['extrapolated'] = gr['batches_timed'] < gr['batches']
         R.setdefault('generation', {})['reference'] = gr
         R['reference_generate_test_s'] = gr['seconds']
         if gr['extrapolated']:
-            R['notes'].append(f"the original regime's generation was timed on {gr['songs_timed']} songs ({gr['batches_timed']} of its "
-                              f"{gr['batches']} batches of {gr['batch_size']}) and extrapolated to {gr['songs']}")
+            R['notes'].append(f"the original regime's generation was timed on {gr['songs_timed']} songs "
+                              f"({gr['batches_timed']} of its {gr['batches']} batches of {gr['batch_size']}) "
+                              f"and extrapolated to {gr['songs']}")
         if g: R['generate_speedup'] = round(gr['seconds'] / g['seconds'], 2)
+    return g
 
-    def profile():
-        model.load_state_dict(init)
-        return profile_training(model, ds['train'], col['ours'], cfg['ours'], device, p['profile_steps'], seed)
-    R['profile'] = run.phase('profile of ours', 15 if size == 'full' else 1, profile)
-    R['loader'] = run.phase('data loader alone', 5 if size == 'full' else 1,
-                            lambda: measure_loader(ds['train'], col['ours'], cfg['ours'], device, 50 if size == 'full' else 5, seed))
+# %% ../nbs/08_benchmarks.ipynb #dfac3fa2
+def _where_time_goes(w: _Workload):
+    "A profile of ours' training steps, and its data loader alone."
+    def profile_ours():
+        w.model.load_state_dict(w.init)
+        return profile_training(w.model, w.ds['train'], w.col['ours'], w.cfg['ours'], w.device, w.p['profile_steps'],
+                                w.seed)
+    w.run.R['profile'] = w.run.phase('profile of ours', w.need(15), profile_ours)
+    batches = 50 if w.size == 'full' else 5
+    w.run.R['loader'] = w.run.phase('data loader alone', w.need(5),
+                                    lambda: measure_loader(w.ds['train'], w.col['ours'], w.cfg['ours'], w.device,
+                                                           batches, w.seed))
 
-    sweep = train.setdefault('batch_sizes', [dict(ours, batch_size=cfg['ours'].batch_size)] if ours else [])
+# %% ../nbs/08_benchmarks.ipynb #d7fdeefc
+def _batch_sweep(w: _Workload, ours: dict|None):
+    "Ours' training throughput at larger batches, the same samples each, until one runs out of memory."
+    R, p = w.run.R, w.p
+    sweep = R['train'].setdefault('batch_sizes', [dict(ours, batch_size=w.cfg['ours'].batch_size)] if ours else [])
     for bs in p['sweep']:
-        r = run.phase(f'training, ours, batch {bs}', 25 if size == 'full' else 1,
-                      lambda: train_phase('ours', batch_size=bs, steps=max(p['steps'] // 12, 1, p['steps'] * p['batch_size'] // bs),
-                                          warmup=max(2, p['warmup'] * p['batch_size'] // bs), cap=20))
+        steps = max(p['steps'] // 12, 1, p['steps'] * p['batch_size'] // bs)
+        warmup = max(2, p['warmup'] * p['batch_size'] // bs)
+        r = w.run.phase(f'training, ours, batch {bs}', w.need(25),
+                        lambda: w.train('ours', batch_size=bs, steps=steps, warmup=warmup, cap=20))
         if r: sweep.append(r)
-        elif run.R['phases'][-1]['status'].startswith('out of memory'): sweep.append(dict(batch_size=bs, error='out of memory')); break
+        elif R['phases'][-1]['status'].startswith('out of memory'):
+            sweep.append(dict(batch_size=bs, error='out of memory'))
+            break
     ok = [r for r in sweep if 'samples_per_s' in r]
     if ok:
         best = max(ok, key=lambda r: r['samples_per_s'])
         R.update(best_batch_size=best['batch_size'], best_batch_samples_per_s=best['samples_per_s'])
 
+# %% ../nbs/08_benchmarks.ipynb #95331634
+def _checkpoint_phase(w: _Workload):
+    "How long one checkpoint (model and AdamW state) takes to write, and its size."
     def checkpoint():
-        opt, sched = build_optimizer(cfg['ours'], model, 1)
-        for q in model.parameters(): q.grad = torch.zeros_like(q)
-        opt.step(); opt.zero_grad(set_to_none=True)      # AdamW's moments exist after a first step, as in any real checkpoint
+        opt, sched = build_optimizer(w.cfg['ours'], w.model, 1)
+        for q in w.model.parameters(): q.grad = torch.zeros_like(q)
+        opt.step()  # AdamW's moments exist after a first step, as in any real checkpoint
+        opt.zero_grad(set_to_none=True)
         with tempfile.TemporaryDirectory() as d:
-            t0 = time.perf_counter(); save_checkpoint(Path(d)/'last.pt', model, opt, sched, {})
-            return dict(seconds=round(time.perf_counter() - t0, 2), gb=round((Path(d)/'last.pt').stat().st_size / 2**30, 2))
-    R['checkpoint'] = run.phase('one checkpoint write (model + AdamW state)', 15 if size == 'full' else 1, checkpoint)
-    if g and not g['extrapolated'] and device.type == 'cuda':   # a larger generation batch, if the budget still allows
-        g2 = run.phase('generation, ours, batch 256', g['seconds'] + 15,
-                       lambda: measure_generation(model, ds['test'], tok, col['ours'], gen_c['ours'], device, batch_size=256,
-                                                  time_cap=max(10, run.left() - 20)))
+            t0 = time.perf_counter()
+            save_checkpoint(Path(d)/'last.pt', w.model, opt, sched, {})
+            seconds = round(time.perf_counter() - t0, 2)
+            return dict(seconds=seconds, gb=round((Path(d)/'last.pt').stat().st_size / 2**30, 2))
+    w.run.R['checkpoint'] = w.run.phase('one checkpoint write (model + AdamW state)', w.need(15), checkpoint)
+
+# %% ../nbs/08_benchmarks.ipynb #beb1baf9
+def _extra_phases(w: _Workload, g: dict|None, torch_compile: bool):
+    "If the budget still allows: generation at batch 256 on a GPU, and training under `torch.compile` when asked."
+    R = w.run.R
+    if g and not g['extrapolated'] and w.device.type == 'cuda':
+        g2 = w.run.phase('generation, ours, batch 256', g['seconds'] + 15,
+                         lambda: measure_generation(w.model, w.ds['test'], w.tok, w.col['ours'], w.cfg['ours'],
+                                                    w.device, batch_size=256, time_cap=max(10, w.run.left() - 20)))
         if g2:
             R['generation']['ours_batch_256'] = g2
             if not g2['extrapolated'] and g2['seconds'] < g['seconds']:
-                R['notes'].append(f"generation at batch 256 took {g2['seconds']} s against {g['seconds']} s at batch 128 (the default)")
+                R['notes'].append(f"generation at batch 256 took {g2['seconds']} s against {g['seconds']} s "
+                                  "at batch 128 (the default)")
     if torch_compile:
-        r = run.phase('training, ours, torch.compile', 150, lambda: train_phase('ours', cap=60, compiled=True))
-        if r: train['ours_compiled'] = r
+        r = w.run.phase('training, ours, torch.compile', 150, lambda: w.train('ours', cap=60, compiled=True))
+        if r: R['train']['ours_compiled'] = r
+
+# %% ../nbs/08_benchmarks.ipynb #eaf9a97e
+def run_benchmarks(out, size: str = 'auto', budget_s: float = 330, torch_compile: bool = False, seed: int = 0,
+                   t_start: float|None = None, command: str|None = None) -> dict:
+    "Run the whole workload within `budget_s` seconds (from `t_start`), writing `out/benchmarks.{json,md}` as it goes."
+    device, size, run = _start(out, size, budget_s, torch_compile, seed, t_start, command)
+    R = run.R
+    if device.type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 stays fp32 in the reference regime, as in the original
+    run.phase('smoke check', 1, lambda: smoke_check(device), fatal=True)
+    R['peak'] = run.phase('bf16 matmul peak', 2, lambda: matmul_peak_tflops(device))
+    made = run.phase('SI-shaped data', 5, lambda: _si_data(R, SIZES[size], seed), fatal=True)
+    if made is None:  # out of budget before anything could be measured
+        R['status'] = 'partial'
+        run.save()
+        return R
+    w = _workload(run, device, size, seed, *made)
+    ours = _training_phases(w)
+    g = _generation_phases(w)
+    _where_time_goes(w)
+    _batch_sweep(w, ours)
+    _checkpoint_phase(w)
+    _extra_phases(w, g, torch_compile)
     R['status'] = 'done' if all(ph['status'] == 'done' for ph in R['phases']) else 'partial'
     R['errors'] = [ph['name'] for ph in R['phases'] if ph['status'].startswith('error')]
     run.save()
-    print(f"[{run.elapsed():6.1f} s] {R['status']}: wrote {run.out/'benchmarks.json'} and {run.out/'benchmarks.md'}", flush=True)
+    print(f"[{run.elapsed():6.1f} s] {R['status']}: wrote {run.out/'benchmarks.json'} and {run.out/'benchmarks.md'}",
+          flush=True)
     return R
 
 # %% ../nbs/08_benchmarks.ipynb #bdda3993
@@ -481,14 +628,23 @@ def limits(R: dict) -> list[str]:
     "What limits the speed now, in sentences read off the measurements."
     out, ours, prof = [], (R.get('train') or {}).get('ours'), R.get('profile')
     if ours and R.get('peak'):
-        out.append(f"Training runs at {_f(100 * (ours.get('mfu') or 0), 1)}% model FLOPs utilisation of the measured "
-                   f"{R['peak']['dtype']} matmul peak ({_f(R['peak']['tflops'], 2)} TFLOP/s); padding wastes {_f(100 * ours['padding_fraction'])}% of the tokens computed.")
+        out.append(
+            f"Training runs at {_f(100 * (ours.get('mfu') or 0), 1)}% model FLOPs utilisation of the measured "
+            f"{R['peak']['dtype']} matmul peak ({_f(R['peak']['tflops'], 2)} TFLOP/s); padding wastes {_f(100 * ours['padding_fraction'])}% of the tokens computed."
+        )
     if prof:
         if prof.get('device_busy_fraction') is not None:
             busy = prof['device_busy_fraction']
-            out.append(f"The GPU is busy {_f(100 * busy, 0)}% of the profiled steps' wall time"
-                       + (': the host limits (Python and kernel launches, or waits for the GPU), '
-                          'which CUDA graphs or torch.compile address' if busy < 0.85 else ': the kernels themselves limit') + '.')
+            out.append(
+                f"The GPU is busy {_f(100 * busy, 0)}% of the profiled steps' wall time"
+                + (
+                    ': the host limits (Python and kernel launches, or waits for the GPU), '
+                    'which CUDA graphs or torch.compile address'
+                    if busy < 0.85
+                    else ': the kernels themselves limit'
+                )
+                + '.'
+            )
         kinds = ', '.join(f'{k} {_f(100 * v, 0)}%' for k, v in prof['time_by_kind'].items())
         out.append(f"Time by kind of work ({'device' if R.get('device') == 'cuda' else 'CPU'} time): {kinds}.")
     if R.get('loader') and ours:
@@ -496,14 +652,18 @@ def limits(R: dict) -> list[str]:
                    f"{_f(R['loader']['samples_per_s'] / max(ours['samples_per_s'], 1e-9), 1)}x what training consumes.")
     g = (R.get('generation') or {}).get('ours')
     if g:
-        out.append(f"Generation: {_f(g['tokens_per_s'], 0)} new tokens/s over {g['batches']} batch(es) of {g['batch_size']} x "
-                   f"{g['num_beams']} beams; each new token is a sequential step whose cost is mostly fixed (launches, beam bookkeeping), "
-                   "so larger batches amortise it until the KV cache reads dominate.")
+        out.append(
+            f"Generation: {_f(g['tokens_per_s'], 0)} new tokens/s over {g['batches']} batch(es) of {g['batch_size']} x "
+            f"{g['num_beams']} beams; each new token is a sequential step whose cost is mostly fixed (launches, beam bookkeeping), "
+            "so larger batches amortise it until the KV cache reads dominate."
+        )
     if R.get('checkpoint') and ours:
         ck = R['checkpoint']['seconds']
-        out.append(f"One checkpoint (model and optimiser state, {_f(R['checkpoint']['gb'], 2)} GB) takes {_f(ck, 1)} s: with the default "
-                   f"`save_every=100` at batch {ours['batch_size']} that is {_f(100 * ck / (ck + 100 * ours['batch_size'] / ours['samples_per_s']), 0)}% "
-                   "of a run's time; raise `save_every` for long GPU runs.")
+        out.append(
+            f"One checkpoint (model and optimiser state, {_f(R['checkpoint']['gb'], 2)} GB) takes {_f(ck, 1)} s: with the default "
+            f"`save_every=100` at batch {ours['batch_size']} that is {_f(100 * ck / (ck + 100 * ours['batch_size'] / ours['samples_per_s']), 0)}% "
+            "of a run's time; raise `save_every` for long GPU runs."
+        )
     return out
 
 def benchmarks_markdown(R: dict) -> str:
@@ -514,70 +674,119 @@ def benchmarks_markdown(R: dict) -> str:
     for n in R.get('notes', []): lines.append(f'> {n}')
     if R.get('notes'): lines.append('')
     w = R.get('workload') or {}
-    lines += [f"Model: {R.get('model', '–')}. Workload: SI-shaped synthetic songs (mean {_f(w.get('mean_lyrics_tokens'))} lyrics and "
-              f"{_f(w.get('mean_caption_tokens'))} caption tokens, music {w.get('l_m')} x {w.get('d_m')}), {w.get('train_songs')} training and "
-              f"{w.get('test_songs')} test songs. Hardware: {R.get('hardware')}.", '',
-              '| what | reference regime | ours | speed-up |', '|---|---|---|---|']
+    lines += [
+        f"Model: {R.get('model', '–')}. Workload: SI-shaped synthetic songs (mean {_f(w.get('mean_lyrics_tokens'))} lyrics and "
+        f"{_f(w.get('mean_caption_tokens'))} caption tokens, music {w.get('l_m')} x {w.get('d_m')}), {w.get('train_songs')} training and "
+        f"{w.get('test_songs')} test songs. Hardware: {R.get('hardware')}.",
+        '',
+        '| what | reference regime | ours | speed-up |',
+        '|---|---|---|---|',
+    ]
     ref, ours = tr.get('reference') or {}, tr.get('ours') or {}
-    lines.append(f"| training, batch {ours.get('batch_size', ref.get('batch_size', '–'))}, samples/s (wall clock, data loading included) | "
-                 f"{_f(ref.get('samples_per_s'))} | {_f(ours.get('samples_per_s'))} | {_f(R.get('train_speedup'), 2, 'x')} |")
-    lines.append(f"| training tokens/s (real tokens) | {_f(ref.get('tokens_per_s'), 0)} | {_f(ours.get('tokens_per_s'), 0)} | |")
-    lines.append(f"| training MFU (vs measured peak) | {_f(100 * ref['mfu'] if ref.get('mfu') is not None else None, 1, '%')} | "
-                 f"{_f(100 * ours['mfu'] if ours.get('mfu') is not None else None, 1, '%')} | |")
-    lines.append(f"| training peak memory, GB | {_f(ref.get('peak_memory_gb'), 2)} | {_f(ours.get('peak_memory_gb'), 2)} | |")
+    lines.append(
+        f"| training, batch {ours.get('batch_size', ref.get('batch_size', '–'))}, samples/s (wall clock, data loading included) | "
+        f"{_f(ref.get('samples_per_s'))} | {_f(ours.get('samples_per_s'))} | {_f(R.get('train_speedup'), 2, 'x')} |"
+    )
+    lines.append(
+        f"| training tokens/s (real tokens) | {_f(ref.get('tokens_per_s'), 0)} | {_f(ours.get('tokens_per_s'), 0)} | |"
+    )
+    lines.append(
+        f"| training MFU (vs measured peak) | {_f(100 * ref['mfu'] if ref.get('mfu') is not None else None, 1, '%')} | "
+        f"{_f(100 * ours['mfu'] if ours.get('mfu') is not None else None, 1, '%')} | |"
+    )
+    lines.append(
+        f"| training peak memory, GB | {_f(ref.get('peak_memory_gb'), 2)} | {_f(ours.get('peak_memory_gb'), 2)} | |")
     if R.get('best_batch_size'):
-        lines.append(f"| best batch size for throughput (ours) | | {R['best_batch_size']}: {_f(R['best_batch_samples_per_s'])} samples/s | "
-                     f"{_f(R['best_batch_samples_per_s'] / ref['samples_per_s'] if ref.get('samples_per_s') else None, 2, 'x')} |")
+        lines.append(
+            f"| best batch size for throughput (ours) | | {R['best_batch_size']}: {_f(R['best_batch_samples_per_s'])} samples/s | "
+            f"{_f(R['best_batch_samples_per_s'] / ref['samples_per_s'] if ref.get('samples_per_s') else None, 2, 'x')} |"
+        )
     gr, go = gen.get('reference') or {}, gen.get('ours') or {}
-    lines.append(f"| captioning the {go.get('songs', gr.get('songs', '–'))} test songs, beam 4, {go.get('max_new_tokens', gr.get('max_new_tokens', '–'))} new tokens, s | "
-                 f"{_f(gr.get('seconds'))}{' (extrapolated)' if gr.get('extrapolated') else ''} | {_f(go.get('seconds'))}"
-                 f"{' (extrapolated)' if go.get('extrapolated') else ''} | {_f(R.get('generate_speedup'), 2, 'x')} |")
+    lines.append(
+        f"| captioning the {go.get('songs', gr.get('songs', '–'))} test songs, beam 4, {go.get('max_new_tokens', gr.get('max_new_tokens', '–'))} new tokens, s | "
+        f"{_f(gr.get('seconds'))}{' (extrapolated)' if gr.get('extrapolated') else ''} | {_f(go.get('seconds'))}"
+        f"{' (extrapolated)' if go.get('extrapolated') else ''} | {_f(R.get('generate_speedup'), 2, 'x')} |"
+    )
     lines.append(f"| generation, new tokens/s | {_f(gr.get('tokens_per_s'), 0)} | {_f(go.get('tokens_per_s'), 0)} | |")
-    lines.append(f"| generation peak memory, GB | {_f(gr.get('peak_memory_gb'), 2)} | {_f(go.get('peak_memory_gb'), 2)} | |")
+    lines.append(
+        f"| generation peak memory, GB | {_f(gr.get('peak_memory_gb'), 2)} | {_f(go.get('peak_memory_gb'), 2)} | |")
     lines += ['', '## What limits it now', ''] + [f'- {s}' for s in limits(R)]
     lines += ['', '## Details', '']
-    rows = [('training, reference', ref), ('training, ours', ours)] + [(f"training, ours, batch {r['batch_size']}", r) for r in tr.get('batch_sizes', [])[1:]]
+    rows = [('training, reference', ref), ('training, ours', ours)] + [
+        (f"training, ours, batch {r['batch_size']}", r) for r in tr.get('batch_sizes', [])[1:]]
     if tr.get('ours_compiled'): rows.append(('training, ours, torch.compile', tr['ours_compiled']))
-    keys = ('batch_size', 'steps', 'warmup_steps', 'seconds', 'samples_per_s', 'tokens_per_s', 'mfu', 'padding_fraction', 'distinct_shapes',
-            'precision', 'optimizer', 'peak_memory_gb', 'final_loss', 'error')
+    keys = ('batch_size', 'steps', 'warmup_steps', 'seconds', 'samples_per_s', 'tokens_per_s', 'mfu',
+            'padding_fraction', 'distinct_shapes', 'precision', 'optimizer', 'peak_memory_gb', 'final_loss', 'error')
     lines += ['| run | ' + ' | '.join(keys) + ' |', '|---' * (len(keys) + 1) + '|']
-    lines += [f'| {name} | ' + ' | '.join(_f(r.get(k), 4) if isinstance(r.get(k), float) else _f(r.get(k)) for k in keys) + ' |' for name, r in rows if r]
-    gkeys = ('songs', 'songs_timed', 'batch_size', 'batches_timed', 'batches', 'seconds_timed', 'seconds', 'extrapolated', 'new_tokens_per_song',
-             'tokens_per_s', 'do_sample', 'precision', 'peak_memory_gb')
+    lines += [
+        f'| {name} | '
+        + ' | '.join(_f(r.get(k), 4) if isinstance(r.get(k), float) else _f(r.get(k)) for k in keys)
+        + ' |'
+        for name, r in rows
+        if r
+    ]
+    gkeys = ('songs', 'songs_timed', 'batch_size', 'batches_timed', 'batches', 'seconds_timed', 'seconds',
+             'extrapolated', 'new_tokens_per_song', 'tokens_per_s', 'do_sample', 'precision', 'peak_memory_gb')
     lines += ['', '| generation | ' + ' | '.join(gkeys) + ' |', '|---' * (len(gkeys) + 1) + '|']
     named = (('original regime', gr), ('ours', go), ('ours, batch 256', gen.get('ours_batch_256')))
     lines += [f'| {name} | ' + ' | '.join(_f(r.get(k)) for k in gkeys) + ' |' for name, r in named if r]
-    if R.get('peak'): lines += ['', f"Measured matmul peak: {R['peak']['tflops']} TFLOP/s ({R['peak']['dtype']}, {R['peak']['n']}^3)."]
+    if R.get('peak'):
+        lines += ['',
+                  f"Measured matmul peak: {R['peak']['tflops']} TFLOP/s ({R['peak']['dtype']}, {R['peak']['n']}^3)."]
     prof = R.get('profile')
     if prof:
-        lines += ['', f"## Profile of ours ({prof['steps']} steps at batch {prof['batch_size']})", '', '```', prof['table'].rstrip(), '```']
-    lines += ['', '## Phases', ''] + [f"- {ph['name']}: {ph['status']}" + (f" ({ph['seconds']} s)" if 'seconds' in ph else '') for ph in R.get('phases', [])]
+        lines += [
+            '',
+            f"## Profile of ours ({prof['steps']} steps at batch {prof['batch_size']})",
+            '',
+            '```',
+            prof['table'].rstrip(),
+            '```',
+        ]
+    lines += ['', '## Phases', ''] + [
+        f"- {ph['name']}: {ph['status']}" + (f" ({ph['seconds']} s)" if 'seconds' in ph else '')
+        for ph in R.get('phases', [])
+    ]
     v = R.get('versions') or {}
-    lines += ['', '## Provenance', '', f"- command: `{R.get('command')}` (from the repository root), budget {R.get('budget_s')} s, took {R.get('elapsed_s')} s",
-              f"- seed {R.get('seed')}; data: `{(R.get('workload') or {}).get('generator')}`; model: random initialisation",
-              f"- hardware: {R.get('hardware')}", '- versions: ' + ', '.join(f'{k} {x}' for k, x in v.items()),
-              f"- date: {R.get('date')}"] + [f'- warning: {x}' for x in R.get('version_warnings', [])]
+    lines += [
+        '',
+        '## Provenance',
+        '',
+        f"- command: `{R.get('command')}` (from the repository root), budget {R.get('budget_s')} s, took {R.get('elapsed_s')} s",
+        f"- seed {R.get('seed')}; data: `{(R.get('workload') or {}).get('generator')}`; model: random initialisation",
+        f"- hardware: {R.get('hardware')}",
+        '- versions: ' + ', '.join(f'{k} {x}' for k, x in v.items()),
+        f"- date: {R.get('date')}",
+    ] + [f'- warning: {x}' for x in R.get('version_warnings', [])]
     return '\n'.join(lines) + '\n'
 
 # %% ../nbs/08_benchmarks.ipynb #84358c9e
 def main(argv: list[str]|None = None):
     "Command line: `python -m alcap.benchmarks --out DIR [--size auto|tiny|full] [--budget-s N] [--compile]`."
-    p = argparse.ArgumentParser(prog='python -m alcap.benchmarks', description='Time training and captioning: the reference regime against ours.')
+    p = argparse.ArgumentParser(prog='python -m alcap.benchmarks',
+                                description='Time training and captioning: the reference regime against ours.')
     p.add_argument('--out', required=True, help='folder for benchmarks.json and benchmarks.md')
-    p.add_argument('--size', default='auto', choices=('auto', 'tiny', 'full'), help='auto: full on a GPU, tiny on a CPU')
-    p.add_argument('--budget-s', type=float, default=330, help='seconds for the whole run, imports included (default 330)')
-    p.add_argument('--compile', action='store_true', help='also time torch.compile of our training step (needs about 150 s more)')
+    p.add_argument(
+        '--size', default='auto', choices=('auto', 'tiny', 'full'), help='auto: full on a GPU, tiny on a CPU')
+    p.add_argument(
+        '--budget-s', type=float, default=330, help='seconds for the whole run, imports included (default 330)')
+    p.add_argument(
+        '--compile', action='store_true', help='also time torch.compile of our training step (needs about 150 s more)')
     p.add_argument('--seed', type=int, default=0)
     a = p.parse_args(argv)
     if not a.budget_s > 0: p.error(f'--budget-s must be positive, got {a.budget_s:g}')
-    if a.size == 'full' and not torch.cuda.is_available(): p.error("--size full needs a CUDA GPU; use --size tiny on a CPU")
+    if a.size == 'full' and not torch.cuda.is_available():
+        p.error("--size full needs a CUDA GPU; use --size tiny on a CPU")
     cmd = 'python -m alcap.benchmarks ' + ' '.join(argv if argv is not None else sys.argv[1:])
     try: R = run_benchmarks(a.out, a.size, a.budget_s, a.compile, a.seed, t_start=_T_START, command=cmd)
     except Exception as e:   # one line here; the partial results and the traceback are in --out
         print(f'error: {type(e).__name__}: {(str(e).splitlines() or [""])[0]} (see {a.out})', file=sys.stderr)
         sys.exit(1)
     print(json.dumps({k: R.get(k) for k in HEADLINE}))
-    if R.get('errors'): print(f"error: phase(s) {R['errors']} failed (tracebacks in {Path(a.out)/'benchmarks_errors.txt'})", file=sys.stderr); sys.exit(1)
+    if R.get('errors'):
+        print(f"error: phase(s) {R['errors']} failed (tracebacks in {Path(a.out) / 'benchmarks_errors.txt'})",
+              file=sys.stderr)
+        sys.exit(1)
 
 # %% ../nbs/08_benchmarks.ipynb #d5fa58fe
 #| eval: false
@@ -609,8 +818,10 @@ def converge_both(steps: int = 200, seed: int = 0, scale: float = 1 / 16) -> dic
     for regime, precision in (('reference', 'fp32'), ('ours', 'bf16')):
         seed_everything(seed)
         model = si_model('tiny', tok, p['d_m'])
-        c = dataclasses.replace(regime_config('ours', 'tiny'), precision=precision, lr=1e-3, num_workers=0, max_source_len=n, max_target_len=n)
+        c = dataclasses.replace(regime_config('ours', 'tiny'), precision=precision, lr=1e-3, num_workers=0,
+                                max_source_len=n, max_target_len=n)
         col = regime_collator(regime, c, tok)
         r = measure_training(model, ds, col, c, torch.device('cpu'), steps, warmup=0, grouped=True, seed=seed)
-        res[regime] = dict(final=float(np.mean(r['losses'][-20:])), std=float(np.std(r['losses'][-20:])), first=r['losses'][0])
+        res[regime] = dict(
+            final=float(np.mean(r['losses'][-20:])), std=float(np.std(r['losses'][-20:])), first=r['losses'][0])
     return res

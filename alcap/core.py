@@ -22,7 +22,8 @@ def atomic_write(path, data: bytes|str) -> Path:
     try:
         with os.fdopen(fd, 'wb') as f:
             f.write(data.encode('utf-8') if isinstance(data, str) else data)
-            f.flush(); os.fsync(f.fileno())
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -72,7 +73,9 @@ def repo_root() -> Path:
     "The repository root (the folder with settings.ini), searched upwards from the working directory."
     for p in [Path.cwd(), *Path.cwd().parents]:
         if (p/'settings.ini').exists() and (p/'nbs'/'03_train.ipynb').exists(): return p
-    raise FileNotFoundError('run alcap-demo from the ALCAP repository (no settings.ini and nbs/03_train.ipynb found above the working directory)')
+    raise FileNotFoundError(
+        'run alcap-demo from the ALCAP repository (no settings.ini and nbs/03_train.ipynb found above the working directory)'
+    )
 
 # %% ../nbs/00_core.ipynb #421141ad
 def hub_reachable(timeout: float = 3.0) -> bool:

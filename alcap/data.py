@@ -46,7 +46,8 @@ def _song_from_dict(d: dict, where: str) -> Song:
     unknown = set(d) - _SONG_FIELDS
     if unknown: raise ValueError(f"{where}: unknown field(s) {sorted(unknown)}")
     for k in ('id', 'lyrics'):
-        if not isinstance(d.get(k), str) or not d[k].strip(): raise ValueError(f"{where}: field '{k}' is missing or empty")
+        if not isinstance(d.get(k), str) or not d[k].strip():
+            raise ValueError(f"{where}: field '{k}' is missing or empty")
     if not isinstance(d.get('caption', ''), str): raise ValueError(f"{where}: field 'caption' must be a string")
     return Song(**d)
 
@@ -88,7 +89,8 @@ class SIUnpickler(pickle.Unpickler):
         if name == 'LyricsCommentData': return LyricsCommentData  # any module: __main__, LyricsCommentData, code.*
         if module in ('copyreg', 'copy_reg') and name == '_reconstructor': return copyreg._reconstructor
         if module in ('builtins', '__builtin__') and name == 'object': return object
-        raise pickle.UnpicklingError(f"refusing to load '{module}.{name}': SI pickles hold only LyricsCommentData records")
+        raise pickle.UnpicklingError(
+            f"refusing to load '{module}.{name}': SI pickles hold only LyricsCommentData records")
 
 # %% ../nbs/01_data.ipynb #182b17a7
 def _si_song(r, where: str, lyrics_newline: str|None = ';') -> Song:
@@ -96,7 +98,8 @@ def _si_song(r, where: str, lyrics_newline: str|None = ';') -> Song:
     get = (lambda k: r.get(k)) if isinstance(r, dict) else (lambda k: getattr(r, k, None))
     if not isinstance(r, (dict, LyricsCommentData)): raise ValueError(f"{where}: not an SI record ({type(r).__name__})")
     for k in ('music4all_id', 'lyrics', 'comment'):
-        if not isinstance(get(k), str) or not get(k).strip(): raise ValueError(f"{where}: field '{k}' is missing or empty")
+        if not isinstance(get(k), str) or not get(k).strip():
+            raise ValueError(f"{where}: field '{k}' is missing or empty")
     lyrics = get('lyrics') if lyrics_newline is None else get('lyrics').replace('\n', lyrics_newline)
     smid = get('songmeanings_id')
     return Song(id=get('music4all_id'), lyrics=lyrics, caption=get('comment'),
@@ -107,7 +110,8 @@ def load_si_pickle(path, lyrics_newline: str|None = ';') -> list[Song]:
     with open(path, 'rb') as f:
         try: records = SIUnpickler(f).load()
         except pickle.UnpicklingError as e: raise ValueError(f"{path}: {e}") from None
-    if not isinstance(records, (list, tuple)): raise ValueError(f"{path}: expected a list of records, got {type(records).__name__}")
+    if not isinstance(records, (list, tuple)):
+        raise ValueError(f"{path}: expected a list of records, got {type(records).__name__}")
     return [_si_song(r, f"{path}[{i}]", lyrics_newline) for i, r in enumerate(records)]
 
 def load_si_json(path, lyrics_newline: str|None = ';') -> list[Song]:
@@ -137,7 +141,9 @@ def load_si_csvs(folder, name: str = 'full', lyrics_newline: str|None = ';') -> 
     for split, fn in (('train', f'df_{name}_train.csv'), ('val', f'df_{name}_val.csv'), ('test', 'df_test.csv')):
         rows = _read_csv_rows(folder/fn, ('music4all_id', 'lyrics', 'comment'))
         for i, r in enumerate(rows, 2):  # line 1 is the header
-            s = _si_song(r, f"{folder/fn}:{i}", lyrics_newline); s.split = split; songs.append(s)
+            s = _si_song(r, f"{folder / fn}:{i}", lyrics_newline)
+            s.split = split
+            songs.append(s)
     return songs
 
 # %% ../nbs/01_data.ipynb #7739ce45
@@ -163,7 +169,8 @@ def check_si_sizes(songs: Sequence[Song], dataset: str) -> dict:
 def reference_split(n: int, seed: int = 42, train_frac: float = 0.9) -> tuple[list[int], list[int]]:
     "Indices of the reference 90/10 train/validation split of `n` items (torch `random_split`, seeded)."
     n_train = int(train_frac * n)
-    train, val = torch.utils.data.random_split(range(n), [n_train, n - n_train], generator=torch.Generator().manual_seed(seed))
+    train, val = torch.utils.data.random_split(
+        range(n), [n_train, n - n_train], generator=torch.Generator().manual_seed(seed))
     return list(train.indices), list(val.indices)
 
 def assign_reference_split(songs: list[Song], seed: int = 42) -> list[Song]:
@@ -186,9 +193,9 @@ def _rows(path) -> list[dict]:
         return json.loads(text) if path.suffix == '.json' else [json.loads(l) for l in text.split('\n') if l.strip()]
     except json.JSONDecodeError as e: raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
 
-def load_table(path, id_col: str|None = 'id', lyrics_col='lyrics', caption_col='caption', audio_col: str|None = 'audio_path',
-               split_col: str|None = 'split', title_col: str|None = 'title', artist_col: str|None = 'artist',
-               id_prefix: str = '') -> list[Song]:
+def load_table(path, id_col: str | None = 'id', lyrics_col='lyrics', caption_col='caption',
+               audio_col: str | None = 'audio_path', split_col: str | None = 'split', title_col: str | None = 'title',
+               artist_col: str | None = 'artist', id_prefix: str = '') -> list[Song]:
     "Read songs from a CSV/JSON/JSONL table with the given column names."
     path, songs = Path(path), []
     rows = _rows(path)
@@ -200,7 +207,8 @@ def load_table(path, id_col: str|None = 'id', lyrics_col='lyrics', caption_col='
         where = f"{path}: row {i + 1}"
         sid = str(get(r, id_col) or f'{id_prefix}{i}')
         lyrics, caption = r.get(lyrics_col), r.get(caption_col)
-        if not isinstance(lyrics, str) or not lyrics.strip(): raise ValueError(f"{where}: field '{lyrics_col}' is missing or empty")
+        if not isinstance(lyrics, str) or not lyrics.strip():
+            raise ValueError(f"{where}: field '{lyrics_col}' is missing or empty")
         if not isinstance(caption, str): raise ValueError(f"{where}: field '{caption_col}' must be text")
         audio = get(r, audio_col)
         if audio and not os.path.isabs(audio): audio = str(path.parent/audio)
@@ -236,7 +244,9 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 8000, save_dir=N
     return fast
 
 # %% ../nbs/01_data.ipynb #9c19c5c0
-def get_tokenizer(name_or_path: str = 'facebook/bart-base', texts: Iterable[str]|None = None, save_dir=None, vocab_size: int = 8000):
+def get_tokenizer(
+    name_or_path: str = 'facebook/bart-base', texts: Iterable[str] | None = None, save_dir=None, vocab_size: int = 8000
+):
     "BART's tokenizer when reachable (local folder, hub cache, hub); otherwise a BPE trained on `texts`."
     p = Path(name_or_path)
     if p.is_dir():
@@ -252,8 +262,10 @@ def get_tokenizer(name_or_path: str = 'facebook/bart-base', texts: Iterable[str]
             return tok
         except Exception: pass  # not cached / no network: fall through to the next source
     if texts is None:
-        raise OSError(f"tokenizer '{name_or_path}' is not reachable (no local folder, cache or network) and no texts were "
-                      "given to train a BPE on: pass texts=... or a folder with a saved tokenizer")
+        raise OSError(
+            f"tokenizer '{name_or_path}' is not reachable (no local folder, cache or network) and no texts were "
+            "given to train a BPE on: pass texts=... or a folder with a saved tokenizer"
+        )
     return train_bpe_tokenizer(texts, vocab_size, save_dir)
 
 # %% ../nbs/01_data.ipynb #6738be74
@@ -264,7 +276,8 @@ def bucket_length(n: int, multiple: int = 64, max_len: int = 512) -> int:
 # %% ../nbs/01_data.ipynb #6c4ccc55
 class SongDataset(torch.utils.data.Dataset):
     "Tokenised (lyrics, caption) pairs with optional music features `h_m` from a feature cache."
-    def __init__(self, songs: Sequence[Song], tokenizer, features=None, max_source_len: int = 512, max_target_len: int = 512):
+    def __init__(
+        self, songs: Sequence[Song], tokenizer, features=None, max_source_len: int = 512, max_target_len: int = 512):
         self.songs, self.features = list(songs), features
         enc = lambda xs, n: tokenizer(list(xs), truncation=True, max_length=n)['input_ids']
         self.input_ids = enc((s.lyrics for s in self.songs), max_source_len)
@@ -288,7 +301,8 @@ class SongDataset(torch.utils.data.Dataset):
         if self.features is not None:
             sid = self.songs[i].id
             item['h_m'] = self.features[sid]
-            if hasattr(self.features, 'length'): item['music_len'] = self.features.length(sid)  # real frames; the rest is padding
+            if hasattr(self.features, 'length'):
+                item['music_len'] = self.features.length(sid)  # real frames; the rest is padding
         return item
 
 # %% ../nbs/01_data.ipynb #0ba80131
@@ -316,7 +330,8 @@ class Collator:
             h = np.zeros((len(items), l_m, items[0]['h_m'].shape[-1]), dtype=np.float32)
             m = np.zeros((len(items), l_m), dtype=np.int64)
             for i, it in enumerate(items):
-                n = len(it['h_m']); h[i, :n] = it['h_m']
+                n = len(it['h_m'])
+                h[i, :n] = it['h_m']
                 m[i, :it.get('music_len', n)] = 1
             h, m = torch.from_numpy(h), torch.from_numpy(m)
             batch.update(music_features=h, music_attention_mask=m)
@@ -325,12 +340,13 @@ class Collator:
 # %% ../nbs/01_data.ipynb #201a50de
 class LengthGroupedBatchSampler(torch.utils.data.Sampler):
     "Batches of indices of similar length; seeded, resumable, and shardable across processes."
-    def __init__(self, lengths: Sequence[int], batch_size: int, shuffle: bool = True, seed: int = 0, mega_batch_mult: int = 16,
-                 drop_last: bool = False, num_replicas: int = 1, rank: int = 0):
+    def __init__(self, lengths: Sequence[int], batch_size: int, shuffle: bool = True, seed: int = 0,
+                 mega_batch_mult: int = 16, drop_last: bool = False, num_replicas: int = 1, rank: int = 0):
         if batch_size < 1: raise ValueError(f'batch_size must be positive, got {batch_size}')
         if not 0 <= rank < num_replicas: raise ValueError(f'rank {rank} not in [0, {num_replicas})')
         self.lengths, self.batch_size, self.shuffle, self.seed = np.asarray(lengths), batch_size, shuffle, seed
-        self.mega_batch_mult, self.drop_last, self.num_replicas, self.rank = mega_batch_mult, drop_last, num_replicas, rank
+        self.mega_batch_mult, self.drop_last, self.num_replicas, self.rank = (mega_batch_mult, drop_last, num_replicas,
+                                                                              rank)
         self.epoch, self.skip = 0, 0
 
     def set_epoch(self, epoch: int, skip: int = 0): self.epoch, self.skip = epoch, skip

@@ -99,16 +99,19 @@ def sample_performance(rng: np.random.Generator) -> dict:
 
 def _play_instrument(buf, a, beat, rng, p):
     "Render the instrument part of a song into `buf`, played as performance `p`."
-    n_bars, inst, mode, root = int(np.ceil(len(buf) / DEMO_SR / (4 * beat))), a['instrument'], a['mode'], a['root'] + p['shift']
+    n_bars, inst, mode, root = (int(np.ceil(len(buf) / DEMO_SR / (4 * beat))), a['instrument'], a['mode'],
+                                a['root'] + p['shift'])
     cache = {}
     def tone(key, make):  # the progression repeats, so each distinct note is synthesised once per song
         if key not in cache: cache[key] = make()
         return cache[key]
     secs = lambda s: np.arange(int(s * DEMO_SR)) / DEMO_SR
-    t_pluck, t_strike, t_bar, t_half, t_eighth = secs(0.9), secs(1.5 * beat), secs(4 * beat), secs(2 * beat), secs(beat / 2)
+    t_pluck, t_strike, t_bar, t_half, t_eighth = (secs(0.9), secs(1.5 * beat), secs(4 * beat), secs(2 * beat),
+                                                  secs(beat / 2))
     pluck = lambda n: tone(('pluck', n), lambda: _partials(_hz(n), t_pluck, 8, p['decay'], tilt=p['bright']))
     strike = lambda n, t: _partials(_hz(n), t, 10, 1.5 * p['piano_decay'], inharm=2e-4, tilt=p['piano_tilt'])
-    bowed = lambda notes, t: sum(_osc(_hz(n) * (1 + d), t, 'saw', vibrato=p['vibrato']) for n in notes for d in (-p['detune'], p['detune']))
+    bowed = lambda notes, t: sum(
+        _osc(_hz(n) * (1 + d), t, 'saw', vibrato=p['vibrato']) for n in notes for d in (-p['detune'], p['detune']))
     square = lambda n, t: _osc(_hz(n), t, 'pulse', duty=p['duty'])
     for bar in range(n_bars):
         chord = _chord(root, mode, _PROGRESSIONS[mode][bar % 4])
@@ -119,28 +122,47 @@ def _play_instrument(buf, a, beat, rng, p):
                 for j in range(8): _add(buf, t0 + j * beat / 2, pluck(arpeggio[j]), 0.3 * rng.uniform(0.8, 1.0))
             else:  # a strum on every beat: the strings 12 ms apart
                 for j in range(4):
-                    for k, n in enumerate(chord + [chord[0] + 12]): _add(buf, t0 + j * beat + 0.012 * k, pluck(n + 12), 0.15 * rng.uniform(0.8, 1.0))
+                    for k, n in enumerate(chord + [chord[0] + 12]):
+                        _add(buf, t0 + j * beat + 0.012 * k, pluck(n + 12), 0.15 * rng.uniform(0.8, 1.0))
         elif inst == 'piano':  # a bass note per bar under block chords on each beat, or a broken chord on eighths
-            _add(buf, t0, tone(('bass', chord[0]), lambda: _partials(_hz(chord[0] - 12), t_bar, 10, p['piano_decay'], inharm=2e-4, tilt=1.2)), 0.35)
+            _add(
+                buf,
+                t0,
+                tone(('bass', chord[0]),
+                     lambda: _partials(_hz(chord[0] - 12), t_bar, 10, p['piano_decay'], inharm=2e-4, tilt=1.2)),
+                0.35,
+            )
             if p['pattern'] == 0:
                 block = tone(tuple(chord), lambda: sum(strike(n + 12, t_strike) for n in chord))
                 for j in range(4): _add(buf, t0 + j * beat, block, 0.18 * rng.uniform(0.85, 1.0))
             else:
-                for j in range(8): _add(buf, t0 + j * beat / 2, tone(('broken', arpeggio[j]), lambda: strike(arpeggio[j], t_pluck)), 0.22 * rng.uniform(0.8, 1.0))
+                for j in range(8):
+                    _add(buf, t0 + j * beat / 2, tone(('broken', arpeggio[j]), lambda: strike(arpeggio[j], t_pluck)),
+                         0.22 * rng.uniform(0.8, 1.0))
         elif inst == 'strings':  # detuned sawtooth chords with vibrato and a slow attack, held a bar or bowed twice
             notes = [n + 12 for n in chord] + [chord[0] - 12]
-            if p['pattern'] == 0: _add(buf, t0, tone(tuple(chord), lambda: bowed(notes, t_bar) * _env(t_bar, 0.35, 0.3, 4 * beat)), 0.06)
+            if p['pattern'] == 0:
+                _add(buf, t0, tone(tuple(chord), lambda: bowed(notes, t_bar) * _env(t_bar, 0.35, 0.3, 4 * beat)), 0.06)
             else:
                 pad = tone(('half',) + tuple(chord), lambda: bowed(notes, t_half) * _env(t_half, 0.12, 0.15, 2 * beat))
                 for j in range(2): _add(buf, t0 + 2 * j * beat, pad, 0.06)
         else:  # synth: a pulse-wave bass under a lead on eighths, or under a held chord
-            _add(buf, t0, tone(('bass', chord[0]), lambda: square(chord[0] - 12, t_bar) * _env(t_bar, 0.01, 0.05, 4 * beat)), 0.08)
+            _add(buf, t0,
+                 tone(('bass', chord[0]), lambda: square(chord[0] - 12, t_bar) * _env(t_bar, 0.01, 0.05, 4 * beat)),
+                 0.08)
             if p['pattern'] == 0:
                 env8 = _env(t_eighth, 0.01, 0.04, beat / 2)
                 for j in range(8):
                     note = chord[rng.integers(3)] + 24
                     _add(buf, t0 + j * beat / 2, tone(note, lambda: square(note, t_eighth) * env8), 0.12)
-            else: _add(buf, t0, tone(tuple(chord), lambda: sum(square(n + 12, t_bar) for n in chord) * _env(t_bar, 0.2, 0.3, 4 * beat)), 0.06)
+            else:
+                _add(
+                    buf,
+                    t0,
+                    tone(tuple(chord),
+                         lambda: sum(square(n + 12, t_bar) for n in chord) * _env(t_bar, 0.2, 0.3, 4 * beat)),
+                    0.06,
+                )
 
 def _play_drums(buf, beat, rng):
     "Kick on 1 and 3, snare on 2 and 4, hi-hats on eighths."
@@ -159,7 +181,8 @@ def record(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     n = len(x)
     lf = np.log2(np.maximum(np.fft.rfftfreq(n, 1 / DEMO_SR), 20) / 1000)  # octaves from 1 kHz
     gain_db = rng.uniform(-4, 4) * lf
-    for _ in range(2): gain_db += rng.uniform(-10, 10) * np.exp(-0.5 * ((lf - rng.uniform(-3, 2.5)) / rng.uniform(0.4, 1.2)) ** 2)
+    for _ in range(2):
+        gain_db += rng.uniform(-10, 10) * np.exp(-0.5 * ((lf - rng.uniform(-3, 2.5)) / rng.uniform(0.4, 1.2)) ** 2)
     x = np.fft.irfft(np.fft.rfft(x) * 10 ** (gain_db / 20), n)
     rt60 = rng.uniform(0.3, 2.0)  # a room: exponentially decaying noise, -60 dB after rt60 seconds
     t = np.arange(int(rt60 * DEMO_SR)) / DEMO_SR
@@ -182,39 +205,49 @@ def synth_audio(a: dict, rng: np.random.Generator, seconds: float = DEMO_SECONDS
 
 # %% ../nbs/01b_demodata.ipynb #f6567ba2
 _THEME_LINES = {
-    'love': ["your hand in mine on a summer night", "I found my heart the day I found you", "every morning starts with your smile",
-             "we dance slow in the kitchen light", "you are the reason that I sing", "two hearts beating in the same old town",
+    'love': ["your hand in mine on a summer night", "I found my heart the day I found you",
+             "every morning starts with your smile", "we dance slow in the kitchen light",
+             "you are the reason that I sing", "two hearts beating in the same old town",
              "I would cross the ocean for your kiss", "hold me close and never let me go"],
-    'heartbreak': ["you packed your bags and closed the door", "the pictures on the wall are turning grey", "I still set the table for two",
-                   "your ring is lying on the floor", "the tears won't stop when the night comes", "you said forever but you lied",
+    'heartbreak': ["you packed your bags and closed the door", "the pictures on the wall are turning grey",
+                   "I still set the table for two", "your ring is lying on the floor",
+                   "the tears won't stop when the night comes", "you said forever but you lied",
                    "I keep your letters in a box of rain", "my heart is broken into pieces"],
-    'war': ["the soldiers march across the burning field", "my brother never came home from the front", "guns are talking where the children played",
-            "the sirens scream above the city", "we buried friends beneath the foreign sky", "the general smiles while the young men bleed",
+    'war': ["the soldiers march across the burning field", "my brother never came home from the front",
+            "guns are talking where the children played", "the sirens scream above the city",
+            "we buried friends beneath the foreign sky", "the general smiles while the young men bleed",
             "smoke is rising over every town", "the battle took the boy and left a man"],
-    'freedom': ["break the chains and run into the wind", "no walls can hold a restless soul", "the open road is calling out my name",
-                "we tear the fences down tonight", "I was born to fly above the wire", "nobody owns the river or the sky",
+    'freedom': ["break the chains and run into the wind", "no walls can hold a restless soul",
+                "the open road is calling out my name", "we tear the fences down tonight",
+                "I was born to fly above the wire", "nobody owns the river or the sky",
                 "leave the cage door open wide", "we sing for the ones who want to be free"],
-    'party': ["turn the music up and fill the floor", "we dance until the sun comes up", "lights are flashing and the bass is loud",
-              "raise your glass to the crazy night", "everybody jump and lose control", "the DJ spins another song",
-              "nobody's going home tonight", "the whole city is a party"],
-    'faith': ["I kneel and pray in the quiet church", "the light above will guide me home", "I believe when I cannot see",
-              "heaven hears the songs we sing", "my soul is resting in His hands", "grace came down like morning rain",
-              "I hold my faith through the darkest night", "the prayer of a mother keeps me strong"],
-    'loneliness': ["I sit alone in an empty room", "nobody calls and nobody comes", "the crowd walks by and doesn't see me",
-                   "talking to the shadows on the wall", "one cup of coffee, one chair, one bed", "the silence is the only friend I know",
+    'party': ["turn the music up and fill the floor", "we dance until the sun comes up",
+              "lights are flashing and the bass is loud", "raise your glass to the crazy night",
+              "everybody jump and lose control", "the DJ spins another song", "nobody's going home tonight",
+              "the whole city is a party"],
+    'faith': ["I kneel and pray in the quiet church", "the light above will guide me home",
+              "I believe when I cannot see", "heaven hears the songs we sing", "my soul is resting in His hands",
+              "grace came down like morning rain", "I hold my faith through the darkest night",
+              "the prayer of a mother keeps me strong"],
+    'loneliness': ["I sit alone in an empty room", "nobody calls and nobody comes",
+                   "the crowd walks by and doesn't see me", "talking to the shadows on the wall",
+                   "one cup of coffee, one chair, one bed", "the silence is the only friend I know",
                    "I am lonely in a city of a million lights", "another night alone with the radio"],
-    'home': ["the old porch light is shining on", "mama's cooking in the kitchen again", "I'm driving back to the town I know",
-             "the river by my father's house", "there is no place like the place I grew up", "coming home after all these years",
+    'home': ["the old porch light is shining on", "mama's cooking in the kitchen again",
+             "I'm driving back to the town I know", "the river by my father's house",
+             "there is no place like the place I grew up", "coming home after all these years",
              "the creaking stairs remember me", "my home is where the heart was born"],
 }
-_SHARED_LINES = ["the night goes on and on", "tell me where we go from here", "I hear a song inside my head", "the clock keeps ticking on the wall",
-                 "walking down the road again", "under the same old moon", "I can feel it in my bones", "the wind is whispering your name"]
+_SHARED_LINES = ["the night goes on and on", "tell me where we go from here", "I hear a song inside my head",
+                 "the clock keeps ticking on the wall", "walking down the road again", "under the same old moon",
+                 "I can feel it in my bones", "the wind is whispering your name"]
 
 def make_lyrics(a: dict, rng: np.random.Generator) -> tuple[str, str]:
     "Lyrics (verses and a repeated chorus) for a theme; returns (lyrics, chorus line)."
     lines = list(_THEME_LINES[a['theme']])
     rng.shuffle(lines)
-    shared = list(_SHARED_LINES); rng.shuffle(shared)
+    shared = list(_SHARED_LINES)
+    rng.shuffle(shared)
     chorus = [lines[0], lines[1], lines[0]]
     verse = lambda i: [lines[2 + 2 * i], shared[2 * i], lines[3 + 2 * i], shared[2 * i + 1]]
     parts = [verse(0), chorus, verse(1), chorus]
@@ -224,26 +257,39 @@ def make_lyrics(a: dict, rng: np.random.Generator) -> tuple[str, str]:
 
 # %% ../nbs/01b_demodata.ipynb #bb1e0a5e
 _THEME_READINGS = {
-    'love': ["falling in love and staying there", "a love that makes everything else fade away", "how love changes the way you see the world"],
-    'heartbreak': ["heartbreak after a long relationship ends", "the heartbreak of being left behind", "living with heartbreak when the other person has moved on"],
-    'war': ["the cost of war on ordinary people", "a soldier who comes back from war changed", "how war takes the young and leaves the old to grieve"],
-    'freedom': ["the longing for freedom", "breaking out of a life that feels like a prison and finding freedom", "freedom as something you have to fight for"],
-    'party': ["a wild party night with friends", "forgetting your worries at a party", "the joy of a party that never wants to end"],
-    'faith': ["holding on to faith in hard times", "faith in God as a guiding light", "a quiet faith that keeps someone going"],
-    'loneliness': ["loneliness in a crowded city", "the loneliness of someone nobody notices", "how loneliness creeps in at night"],
-    'home': ["coming back home after many years", "missing home and the people there", "what home means once you have left it"],
+    'love': ["falling in love and staying there", "a love that makes everything else fade away",
+             "how love changes the way you see the world"],
+    'heartbreak': ["heartbreak after a long relationship ends", "the heartbreak of being left behind",
+                   "living with heartbreak when the other person has moved on"],
+    'war': ["the cost of war on ordinary people", "a soldier who comes back from war changed",
+            "how war takes the young and leaves the old to grieve"],
+    'freedom': ["the longing for freedom", "breaking out of a life that feels like a prison and finding freedom",
+                "freedom as something you have to fight for"],
+    'party': ["a wild party night with friends", "forgetting your worries at a party",
+              "the joy of a party that never wants to end"],
+    'faith': ["holding on to faith in hard times", "faith in God as a guiding light",
+              "a quiet faith that keeps someone going"],
+    'loneliness': ["loneliness in a crowded city", "the loneliness of someone nobody notices",
+                   "how loneliness creeps in at night"],
+    'home': ["coming back home after many years", "missing home and the people there",
+             "what home means once you have left it"],
 }
-_OPENERS = ["I think this song is about {r}.", "To me this song is about {r}.", "I really believe this song is about {r}.",
-            "This song is clearly about {r}, at least that's how I hear it.", "My interpretation is that the song is about {r}."]
+_OPENERS = ["I think this song is about {r}.", "To me this song is about {r}.",
+            "I really believe this song is about {r}.",
+            "This song is clearly about {r}, at least that's how I hear it.",
+            "My interpretation is that the song is about {r}."]
 _INSTRUMENT_PHRASES = {'guitar': ['the plucked guitar', 'the gentle guitar picking', 'the acoustic guitar'],
                        'piano': ['the piano chords', 'the piano', 'the steady piano'],
                        'strings': ['the strings', 'the swelling strings', 'the warm strings'],
                        'synth': ['the synth lead', 'the buzzing synth', 'the synth line']}
-_TEMPO_PHRASES = {'slow': ['slow', 'slow, dragging'], 'medium': ['mid-tempo', 'relaxed mid-tempo'], 'fast': ['fast', 'fast, driving']}
+_TEMPO_PHRASES = {'slow': ['slow', 'slow, dragging'], 'medium': ['mid-tempo', 'relaxed mid-tempo'],
+                  'fast': ['fast', 'fast, driving']}
 _FILLERS = ["Whenever I listen to it I think of my own family.", "Maybe the writer went through this himself.",
             "That's just my interpretation, but it fits every verse.", "It took me years to really understand it.",
-            "I used to play it on repeat in my car.", "Some people say it is about something else entirely, but I don't agree.",
-            "The second verse makes it even clearer.", "It is one of those songs that grows on you the more you hear it.",
+            "I used to play it on repeat in my car.",
+            "Some people say it is about something else entirely, but I don't agree.",
+            "The second verse makes it even clearer.",
+            "It is one of those songs that grows on you the more you hear it.",
             "I think a lot of people can relate to that feeling.", "Every time the chorus comes back it hits harder."]
 
 def make_caption(a: dict, hook: str, rng: np.random.Generator, min_words: int = 30, max_words: int = 150) -> str:
@@ -256,10 +302,13 @@ def make_caption(a: dict, hook: str, rng: np.random.Generator, min_words: int = 
             pick([f"Musically, {inst} and the {tempo} tempo give it a {mood_word} feel.",
                   f"The {tempo} tempo and {inst} make the whole thing sound {mood_word}.",
                   f"You can hear it in the music too: {inst} at a {tempo} pace, {mood_word} from start to finish."])]
-    core.append("The drums keep pushing it forward." if a['drums'] else "There are no drums, which leaves a lot of space.")
+    core.append(
+        "The drums keep pushing it forward." if a['drums'] else "There are no drums, which leaves a lot of space.")
     if (a['theme'] in DEMO_SAD_THEMES) != (a['mood'] == 'sad'):  # music and words pull in different directions
-        core.append(f"It is strange that a song about {a['theme']} sounds so {mood_word}, but I think that is the point.")
-    fillers = list(_FILLERS); rng.shuffle(fillers)
+        core.append(
+            f"It is strange that a song about {a['theme']} sounds so {mood_word}, but I think that is the point.")
+    fillers = list(_FILLERS)
+    rng.shuffle(fillers)
     target = int(rng.integers(min_words, max_words + 1))
     sentences = list(core)
     while fillers and len(' '.join(sentences + [fillers[-1]]).split()) <= target:
@@ -268,7 +317,8 @@ def make_caption(a: dict, hook: str, rng: np.random.Generator, min_words: int = 
     return ' '.join(sentences)
 
 # %% ../nbs/01b_demodata.ipynb #c5c9f005
-_ARTISTS = ['The Paper Lanterns', 'Maya Reyes', 'North Coast Radio', 'Old Harbour', 'Lena Ko', 'The Night Shift', 'Sam Okafor', 'Velvet Static']
+_ARTISTS = ['The Paper Lanterns', 'Maya Reyes', 'North Coast Radio', 'Old Harbour', 'Lena Ko', 'The Night Shift',
+            'Sam Okafor', 'Velvet Static']
 
 def demo_song(i: int, seed: int = 0, audio: bool = True) -> tuple[Song, np.ndarray|None]:
     "The `i`-th demo song and its audio (skipped when `audio=False`), deterministic in (seed, i)."
@@ -313,8 +363,9 @@ def make_demo(out, n: int = 800, seed: int = 0, workers: int|None = None, progre
         with ProcessPoolExecutor(workers) as ex: songs = list(bar(ex.map(_self._write_demo_song, jobs, chunksize=8)))
     for s, sp in zip(songs, demo_splits(n, seed)): s.split = sp
     write_songs(songs, out/'metadata.jsonl')
-    manifest = dict(name='alcap-demo', generator_version=DEMO_GENERATOR_VERSION, n=n, seed=seed, sample_rate=DEMO_SR, seconds=DEMO_SECONDS,
-                    splits=dict(Counter(s.split for s in songs)), attributes=sorted(songs[0].meta) if songs else [])
+    manifest = dict(name='alcap-demo', generator_version=DEMO_GENERATOR_VERSION, n=n, seed=seed, sample_rate=DEMO_SR,
+                    seconds=DEMO_SECONDS, splits=dict(Counter(s.split for s in songs)),
+                    attributes=sorted(songs[0].meta) if songs else [])
     atomic_write(out/'dataset.json', json.dumps(manifest, indent=1, sort_keys=True))
     return load_songs(out)  # as any reader sees them: audio paths absolute
 
@@ -406,7 +457,9 @@ def ensure_demo_data(folder, n: int = 800, seed: int = 0, regenerate: bool = Fal
                              'use another folder, or replace it (alcap-demo --regenerate; its features go too)')
         manifest.unlink()  # an interrupted regeneration must not look finished
         if not same_songs and (folder/'features').exists():  # features of other audio under the same song ids
-            print(f'{folder}: the demo changed (seed or generator version): removing its stale features', file=sys.stderr)
+            print(
+                f'{folder}: the demo changed (seed or generator version): removing its stale features', file=sys.stderr
+            )
             shutil.rmtree(folder/'features')
     return make_demo(folder, n=n, seed=seed, progress=True)
 
@@ -418,10 +471,23 @@ def dataset_summary(songs, command: str, seed: int) -> str:
     rep = dependence_report(songs)
     out = ['# Demo dataset', '', f"{len(songs)} songs: " + ', '.join(f'{k} {v}' for k, v in sorted(splits.items())), '']
     out += [f"- {a}: " + ', '.join(f'{k} {v}' for k, v in sorted(c.items())) for a, c in attrs.items()]
-    out += ['', '## How well each hidden attribute can be predicted', '',
-            'Accuracy of the best guess from the theme (in-sample), and of a TF-IDF logistic regression on the lyrics or',
-            'the caption text (held-out 25%). Chance is the majority class.', '', rep.to_markdown(), '',
-            '## Provenance', '', provenance(command, seed, data=f'the built-in demo dataset (synthesised, `alcap.demodata.make_demo`, generator version {DEMO_GENERATOR_VERSION})')]
+    out += [
+        '',
+        '## How well each hidden attribute can be predicted',
+        '',
+        'Accuracy of the best guess from the theme (in-sample), and of a TF-IDF logistic regression on the lyrics or',
+        'the caption text (held-out 25%). Chance is the majority class.',
+        '',
+        rep.to_markdown(),
+        '',
+        '## Provenance',
+        '',
+        provenance(
+            command,
+            seed,
+            data=f'the built-in demo dataset (synthesised, `alcap.demodata.make_demo`, generator version {DEMO_GENERATOR_VERSION})',
+        ),
+    ]
     return '\n'.join(out) + '\n'
 
 # %% ../nbs/01b_demodata.ipynb #7998e27f

@@ -58,7 +58,8 @@ class InfoNCE(nn.Module):
                  symmetric:bool=False,      # also the lyrics-anchored direction, averaged with eq. (1)
                  duplicates:str='drop'):    # repeats of a song: 'drop' them, or 'mask' them out of the negatives
         super().__init__()
-        if duplicates not in ('drop', 'mask'): raise ValueError(f"duplicates must be 'drop' or 'mask', got {duplicates!r}")
+        if duplicates not in ('drop', 'mask'):
+            raise ValueError(f"duplicates must be 'drop' or 'mask', got {duplicates!r}")
         self.similarity, self.tau, self.symmetric, self.duplicates = similarity, tau, symmetric, duplicates
         self.proj_t = nn.Linear(d_text, proj_dim or d_music)
         self.proj_m = nn.Linear(d_music, proj_dim) if proj_dim else nn.Identity()
@@ -77,7 +78,8 @@ class InfoNCE(nn.Module):
             z_m, z_t, song_ids = z_m[keep], z_t[keep], None
         s = info_nce_logits(z_m, z_t, self.similarity, self.tau)
         if song_ids is not None:  # 'mask': another copy of my song is neither my positive nor my negative
-            other_copy = (song_ids[:, None] == song_ids[None, :]) & ~torch.eye(len(s), dtype=torch.bool, device=s.device)
+            other_copy = (song_ids[:, None] == song_ids[None, :]) & ~torch.eye(
+                len(s), dtype=torch.bool, device=s.device)
             s = s.masked_fill(other_copy, float('-inf'))
         target = torch.arange(len(s), device=s.device)
         out = {'loss_m2t': F.cross_entropy(s, target)}

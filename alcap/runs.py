@@ -26,7 +26,8 @@ def finished_run(out: Path, data: Path) -> bool:
 
 def run_training_notebook(out: Path, parameters: dict) -> Path:
     "Run nbs/03_train.ipynb with papermill into `out/train.ipynb`; its stderr (the progress bars) goes to ours."
-    out = Path(out); out.mkdir(parents=True, exist_ok=True)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     try:
         pm.execute_notebook(str(repo_root()/'nbs'/'03_train.ipynb'), str(out/'train.ipynb'), parameters=parameters,
                             cwd=str(repo_root()), progress_bar=False, log_output=False, stderr_file=sys.stderr)
