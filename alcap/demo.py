@@ -88,8 +88,10 @@ def write_demo_results(run_dirs, results: Path, command: str, seeds):
         '# Demo: do the captions know what only the music tells?',
         '',
         f'Share of generated test captions ({n_test} songs) that name the true instrument, tempo and mood of the song',
-        '(`attribute_score` is their mean) and its lyrical theme. BART sees only the lyrics; BART-fusion and ALCAP also',
-        'hear the music. The text model is a **small randomly initialised BART** trained on the demo only: these numbers',
+        '(`attribute_score` is their mean) and its lyrical theme. BART sees only the lyrics; BART-fusion and ALCAP '
+        'also',
+        'hear the music. The text model is a **small randomly initialised BART** trained on the demo only: these '
+        'numbers',
         'check the pipeline and the method on synthetic data; they are not a reproduction of the paper.',
         '',
         att.to_markdown(index=False),
@@ -103,8 +105,10 @@ def write_demo_results(run_dirs, results: Path, command: str, seeds):
         provenance(
             command,
             seeds,
-            data=f"built-in demo dataset, {m.get('n')} songs (seed {m.get('seed')}, generator version {m.get('generator_version')}), test split {n_test} songs",
-            model='random-init BART (d_model 128, 4+4 layers, BPE trained on the training split); frozen pretrained MSD musicnn features',
+            data=f"built-in demo dataset, {m.get('n')} songs (seed {m.get('seed')}, generator version "
+                 f"{m.get('generator_version')}), test split {n_test} songs",
+            model='random-init BART (d_model 128, 4+4 layers, BPE trained on the training split); frozen pretrained '
+                  'MSD musicnn features',
         ),
     ]
     atomic_write(results/'attributes.md', '\n'.join(md) + '\n')

@@ -65,7 +65,8 @@ def evaluate_run(
         scores |= retrieval_scores(refs, preds, ks=ks, seed=query_seed, model=model, embed=embed,
                                    song_ids=caps["id"].tolist())
     settings = {
-        "rouge": "rouge_score, use_stemmer=False, BootstrapAggregator mid (numpy seed 0); F-measure, *_recall = mid.recall",
+        "rouge": "rouge_score, use_stemmer=False, BootstrapAggregator mid (numpy seed 0); F-measure, *_recall = "
+                 "mid.recall",
         "meteor": "nltk single_meteor_score, alpha=0.9, beta=3, gamma=0.5, WordNet 3.0; mean over pairs",
         "meteor_tokenizer": meteor_tokenizer_name(),
         "retrieval_model": None if not retrieval else ("custom embed" if embed else str(model)),
@@ -225,7 +226,8 @@ def table_markdown(df: pd.DataFrame, metrics: dict, title: str, command: str) ->
              f"Made by: `{command}`", ""]
     if not ours:
         notes += [
-            "**No run of ours is in this table yet**: it will be filled by `alcap-eval RUN_DIR...` once training runs exist.",
+            "**No run of ours is in this table yet**: it will be filled by `alcap-eval RUN_DIR...` once training runs "
+            "exist.",
             "",
         ]
     return "\n".join(notes + lines) + "\n"

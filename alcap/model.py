@@ -67,7 +67,8 @@ class AlcapConfig(BartConfig):
             raise ValueError(f"fusion_layers must be a non-empty list of layer indices or 'after_encoder', got {fl!r}")
         if any(not -n <= i < n for i in fl):
             raise ValueError(
-                f"fusion_layers {list(fl)} out of range for a {n}-layer encoder; pass e.g. fusion_layers=[{n - 1}] or 'after_encoder'"
+                f"fusion_layers {list(fl)} out of range for a {n}-layer encoder; pass e.g. fusion_layers=[{n - 1}] or "
+                "'after_encoder'"
             )
         return sorted({i % n for i in fl})
 
@@ -111,7 +112,7 @@ class FusionCrossAttention(nn.Module):
         self.attn = nn.MultiheadAttention(d_model, n_heads, kdim=d_music, vdim=d_music, batch_first=True)
 
     def forward(self, h_t, h_m, music_mask=None, need_weights: bool = True):
-        "The attended music (B, L, d_model) and the weights (B, L, l_m), averaged over heads (None unless `need_weights`)."
+        "The attended music (B, L, d_model) and the head-averaged weights (B, L, l_m), None unless `need_weights`."
         # need_weights=False lets PyTorch use scaled_dot_product_attention (fused kernels) instead of materialising them
         if music_mask is None: return self.attn(h_t, h_m, h_m, need_weights=need_weights)
         empty = ~music_mask.bool().any(1)              # softmax over no frame at all would give NaN ...
@@ -235,7 +236,7 @@ class AlcapForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
 
     @classmethod
     def from_bart(cls, bart, method='alcap', **options):
-        "A captioner on a pretrained BART checkpoint (hub name or local folder); a clear error when it is not reachable."
+        "A captioner on a pretrained BART checkpoint (hub name or local folder); a clear error when it is unreachable."
         local_only = not Path(bart).is_dir() and not hub_reachable()   # fail in a second, not after a minute of retries
         try:
             src = BartForConditionalGeneration.from_pretrained(bart, local_files_only=local_only)

@@ -471,9 +471,9 @@ class CNNSAEncoder(nn.Module):
 # %% ../nbs/01a_music.ipynb #84b4da63
 ENCODERS = ('musicnn-msd', 'cnnsa')
 
-def get_encoder(
-    name: str = 'musicnn-msd', checkpoint=None, pretrained: bool = True, seconds: float = 15.0, seed: int = 0):
-    "The frozen encoder `name` in eval mode: 'musicnn-msd' (default) or 'cnnsa' (needs the authors' `checkpoint` to be pretrained)."
+def get_encoder(name: str = 'musicnn-msd', checkpoint=None, pretrained: bool = True, seconds: float = 15.0,
+                seed: int = 0):
+    "The frozen encoder `name` in eval mode: 'musicnn-msd' (default) or 'cnnsa' (pretrained from `checkpoint`)."
     if name == 'musicnn-msd':
         return MusicnnEncoder('MSD_musicnn', pretrained=pretrained, seconds=seconds, seed=seed).eval()
     if name == 'cnnsa':
