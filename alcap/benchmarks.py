@@ -59,8 +59,7 @@ def si_shaped_songs(n: int, seed: int = 0, split: str = 'train', scale: float = 
     n_lyr = _lengths(rng, n, SI_LYRICS_TOKENS * scale, 0.45, 8, hi) - 2
     n_cap = _lengths(rng, n, SI_CAPTION_TOKENS * scale, 0.6, 6, hi) - 2
     counts = np.stack([n_lyr, n_cap], 1).ravel()
-    drawn = words[
-        rng.choice(n_words, size=int(counts.sum()), p=p)]  # all words in one draw: fast for thousands of songs
+    drawn = words[rng.choice(n_words, size=int(counts.sum()), p=p)]  # all words in one draw: fast for many songs
     texts = [' '.join(w) for w in np.split(drawn, np.cumsum(counts)[:-1])]
     return [Song(f'si-shaped-{seed}-{split}-{i:06d}', texts[2 * i], texts[2 * i + 1], split=split) for i in range(n)]
 
@@ -99,17 +98,15 @@ def si_model(size: str, tokenizer, d_m: int, method: str = 'alcap'):
                    forced_bos_token_id=tokenizer.bos_token_id)
     drop = dict(dropout=0.1, attention_dropout=0.0, activation_dropout=0.0, scale_embedding=True)  # as build_model
     if size == 'full':
-        base = bart_base_config(
-            50265, **special, **drop)  # BART's vocabulary: the LM head costs what it costs in SI runs
+        base = bart_base_config(50265, **special, **drop)  # BART's vocabulary: the LM head costs what it costs in SI
     else:
-        base = tiny_bart_config(
-            len(tokenizer), d_model=64, layers=2, heads=4, ffn=256, max_positions=130, **special, **drop)
+        base = tiny_bart_config(len(tokenizer), d_model=64, layers=2, heads=4, ffn=256, max_positions=130, **special,
+                                **drop)
     alpha = 0.02 if method == 'alcap' else 0.0
-    fusion = (
-        [-2, -1] if size == 'full' else [-1]
-    )  # the tiny encoder has two layers: h_t from the first, fusion after the second
-    return AlcapForConditionalGeneration.from_bart_config(
-        base, method=method, alpha=alpha, d_music=d_m, fusion_layers=fusion, fusion_scale=0.1)
+    # the tiny encoder has two layers: h_t from the first, fusion after the second
+    fusion = [-2, -1] if size == 'full' else [-1]
+    return AlcapForConditionalGeneration.from_bart_config(base, method=method, alpha=alpha, d_music=d_m,
+                                                          fusion_layers=fusion, fusion_scale=0.1)
 
 def regime_config(regime: str, size: str, torch_compile: bool = False) -> TrainConfig:
     "The trainer configuration of the 'reference' regime (the original code's) or 'ours' (the trainer's defaults)."
@@ -321,8 +318,8 @@ def version_warnings(v: dict) -> list[str]:
 
 def smoke_check(device):
     "A tiny captioner's training step and a 3-token beam search on `device`; raises what the libraries raise."
-    m = AlcapForConditionalGeneration.from_bart_config(tiny_bart_config(), 'alcap', d_music=8, fusion_layers=[1]).to(
-        device)
+    m = AlcapForConditionalGeneration.from_bart_config(tiny_bart_config(), 'alcap', d_music=8, fusion_layers=[1])
+    m = m.to(device)
     ids = torch.randint(4, 99, (2, 9), device=device)
     music = torch.randn(2, 5, 8, device=device)
     m(input_ids=ids, labels=ids, music_features=music, song_ids=torch.arange(2, device=device)).loss.backward()

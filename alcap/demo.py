@@ -80,37 +80,22 @@ def write_demo_results(run_dirs, results: Path, command: str, seeds):
     write_tables(scored, out=results, command=command)
     att = attribute_table(run_dirs)
     att.to_csv(results/'attributes.csv', index=False)
-    m = (
-        json.loads((Path(run_dirs[0]) / 'config.json').read_text()).get('data_manifest') or {}
-    )  # what the runs were trained on
+    # what the runs were trained on
+    m = json.loads((Path(run_dirs[0]) / 'config.json').read_text()).get('data_manifest') or {}
     n_test = ', '.join(map(str, sorted(set(att['n_test']))))
-    md = [
-        '# Demo: do the captions know what only the music tells?',
-        '',
-        f'Share of generated test captions ({n_test} songs) that name the true instrument, tempo and mood of the song',
-        '(`attribute_score` is their mean) and its lyrical theme. BART sees only the lyrics; BART-fusion and ALCAP '
-        'also',
-        'hear the music. The text model is a **small randomly initialised BART** trained on the demo only: these '
-        'numbers',
-        'check the pipeline and the method on synthetic data; they are not a reproduction of the paper.',
-        '',
-        att.to_markdown(index=False),
-        '',
-    ]
+    intro = f'''\
+Share of generated test captions ({n_test} songs) that name the true instrument, tempo and mood of the song
+(`attribute_score` is their mean) and its lyrical theme. BART sees only the lyrics; BART-fusion and ALCAP also
+hear the music. The text model is a **small randomly initialised BART** trained on the demo only: these numbers
+check the pipeline and the method on synthetic data; they are not a reproduction of the paper.'''
+    md = ['# Demo: do the captions know what only the music tells?', '', intro, '', att.to_markdown(index=False), '']
     if att.groupby('method')['seed'].nunique().max() > 1:
         md += ['## Mean ± sample std over seeds', '', attribute_summary(att).to_markdown(index=False), '']
-    md += [
-        '## Provenance',
-        '',
-        provenance(
-            command,
-            seeds,
-            data=f"built-in demo dataset, {m.get('n')} songs (seed {m.get('seed')}, generator version "
-                 f"{m.get('generator_version')}), test split {n_test} songs",
-            model='random-init BART (d_model 128, 4+4 layers, BPE trained on the training split); frozen pretrained '
-                  'MSD musicnn features',
-        ),
-    ]
+    data = (f"built-in demo dataset, {m.get('n')} songs (seed {m.get('seed')}, generator version "
+            f"{m.get('generator_version')}), test split {n_test} songs")
+    model = ('random-init BART (d_model 128, 4+4 layers, BPE trained on the training split); '
+             'frozen pretrained MSD musicnn features')
+    md += ['## Provenance', '', provenance(command, seeds, data=data, model=model)]
     atomic_write(results/'attributes.md', '\n'.join(md) + '\n')
     for r in run_dirs:
         atomic_write(results / f'captions_test_{Path(r).name}.csv', (Path(r) / 'captions_test.csv').read_text())

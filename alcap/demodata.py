@@ -125,13 +125,9 @@ def _play_instrument(buf, a, beat, rng, p):
                     for k, n in enumerate(chord + [chord[0] + 12]):
                         _add(buf, t0 + j * beat + 0.012 * k, pluck(n + 12), 0.15 * rng.uniform(0.8, 1.0))
         elif inst == 'piano':  # a bass note per bar under block chords on each beat, or a broken chord on eighths
-            _add(
-                buf,
-                t0,
-                tone(('bass', chord[0]),
-                     lambda: _partials(_hz(chord[0] - 12), t_bar, 10, p['piano_decay'], inharm=2e-4, tilt=1.2)),
-                0.35,
-            )
+            bass = tone(('bass', chord[0]),
+                        lambda: _partials(_hz(chord[0] - 12), t_bar, 10, p['piano_decay'], inharm=2e-4, tilt=1.2))
+            _add(buf, t0, bass, 0.35)
             if p['pattern'] == 0:
                 block = tone(tuple(chord), lambda: sum(strike(n + 12, t_strike) for n in chord))
                 for j in range(4): _add(buf, t0 + j * beat, block, 0.18 * rng.uniform(0.85, 1.0))
@@ -156,13 +152,9 @@ def _play_instrument(buf, a, beat, rng, p):
                     note = chord[rng.integers(3)] + 24
                     _add(buf, t0 + j * beat / 2, tone(note, lambda: square(note, t_eighth) * env8), 0.12)
             else:
-                _add(
-                    buf,
-                    t0,
-                    tone(tuple(chord),
-                         lambda: sum(square(n + 12, t_bar) for n in chord) * _env(t_bar, 0.2, 0.3, 4 * beat)),
-                    0.06,
-                )
+                held = tone(tuple(chord),
+                            lambda: sum(square(n + 12, t_bar) for n in chord) * _env(t_bar, 0.2, 0.3, 4 * beat))
+                _add(buf, t0, held, 0.06)
 
 def _play_drums(buf, beat, rng):
     "Kick on 1 and 3, snare on 2 and 4, hi-hats on eighths."

@@ -86,12 +86,8 @@ def _join(xs) -> str: return "; ".join(sorted({str(x) for x in xs}))
 
 def aggregate(results: list[dict]) -> pd.DataFrame:
     "One row per (dataset, method, alpha, text_init): mean and sample std over seeds of every metric, with provenance."
-    flat = pd.DataFrame(
-        [
-            {**{k: r["config"][k] for k in CONFIG_KEYS}, "run": r["run"], "n_items": r["n_items"], **r["metrics"]}
-            for r in results
-        ]
-    )
+    flat = pd.DataFrame([{**{k: r["config"][k] for k in CONFIG_KEYS}, "run": r["run"], "n_items": r["n_items"],
+                          **r["metrics"]} for r in results])
     metrics, rows = list(dict.fromkeys(k for r in results for k in r["metrics"])), []
     for key, g in (flat.groupby(list(GROUP_KEYS), sort=False, dropna=False) if len(flat) else []):
         if g["seed"].duplicated().any():
@@ -174,11 +170,8 @@ def table_frame(agg: pd.DataFrame, metrics: dict, table: int, paper_rows: list[d
                    initialisation=a["text_init"], music_encoder=a["music_encoder"], hardware=a["hardware"],
                    command=a["command"])
         for m in metrics: row[m], row[f"{m}_std"] = 100 * a.get(m, np.nan), 100 * a.get(f"{m}_std", np.nan)
-        row["note"] = (
-            "random text init: not comparable with the paper's pretrained BART"
-            if str(a["text_init"]).startswith("random")
-            else ""
-        )
+        random_init = str(a["text_init"]).startswith("random")
+        row["note"] = "random text init: not comparable with the paper's pretrained BART" if random_init else ""
         rows.append(row)
     paper = [dict(source=PAPER, **{k: v for k, v in r.items() if k != "table"})
              for r in paper_rows if r.get("table") == table]
@@ -236,11 +229,8 @@ def table_markdown(df: pd.DataFrame, metrics: dict, title: str, command: str) ->
 def write_tables(
     results: list[dict], out="results", command: str = "alcap-eval", paper_rows: list[dict] = ()) -> list[Path]:
     "Write Table 1 and Table 2 (CSV and Markdown) for scored runs to `out`."
-    agg = (
-        aggregate(results)
-        if results
-        else pd.DataFrame(columns=[*GROUP_KEYS, "n_seeds", "seeds", "n_items", "hardware", "music_encoder", "command"])
-    )
+    columns = [*GROUP_KEYS, "n_seeds", "seeds", "n_items", "hardware", "music_encoder", "command"]
+    agg = aggregate(results) if results else pd.DataFrame(columns=columns)
     paths = []
     for n, metrics, title in ((1, TABLE1, "Table 1: captioning (ROUGE, METEOR)"),
                               (2, TABLE2, "Table 2: text-to-music retrieval (p@k, r@k)")):

@@ -78,8 +78,8 @@ class InfoNCE(nn.Module):
             z_m, z_t, song_ids = z_m[keep], z_t[keep], None
         s = info_nce_logits(z_m, z_t, self.similarity, self.tau)
         if song_ids is not None:  # 'mask': another copy of my song is neither my positive nor my negative
-            other_copy = (song_ids[:, None] == song_ids[None, :]) & ~torch.eye(
-                len(s), dtype=torch.bool, device=s.device)
+            same_song = song_ids[:, None] == song_ids[None, :]
+            other_copy = same_song & ~torch.eye(len(s), dtype=torch.bool, device=s.device)
             s = s.masked_fill(other_copy, float('-inf'))
         target = torch.arange(len(s), device=s.device)
         out = {'loss_m2t': F.cross_entropy(s, target)}

@@ -404,8 +404,8 @@ class CNNSA(nn.Module):
         super().__init__()
         with warnings.catch_warnings():  # 128 HTK mels on 257 FFT bins leave some filters empty: the reference's choice
             warnings.simplefilter('ignore')
-            self.spec = torchaudio.transforms.MelSpectrogram(
-                SR, n_fft=512, f_min=0.0, f_max=8000.0, n_mels=n_mels)  # hop 256
+            # hop 256, torchaudio's default for n_fft 512
+            self.spec = torchaudio.transforms.MelSpectrogram(SR, n_fft=512, f_min=0.0, f_max=8000.0, n_mels=n_mels)
         self.to_db, self.spec_bn = torchaudio.transforms.AmplitudeToDB(), nn.BatchNorm2d(1)
         c = n_channels
         for i, (a, b, s) in enumerate([(1, c, 2), (c, c, 2), (c, 2*c, 2)] + [(2*c, 2*c, (2, 1))] * 4, 1):
@@ -625,8 +625,8 @@ class _Clips(torch.utils.data.Dataset):
             # before decoding, so that the record matches what was read
             src = audio_source(path) if os.path.isfile(path) else None
             with warnings.catch_warnings():
-                warnings.simplefilter(
-                    'ignore')  # repairs are fine in bulk; they are reported by load_audio when used directly
+                # repairs are fine in bulk; they are reported by load_audio when used directly
+                warnings.simplefilter('ignore')
                 clip, n_real = excerpt(load_audio(path), SR, self.seconds, self.policy, self.pad)
             return sid, path, torch.from_numpy(clip), n_real, '', src
         except Exception as e: return sid, path, None, 0, f'{type(e).__name__}: {e}', None
