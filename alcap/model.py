@@ -210,17 +210,17 @@ class AlcapForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
                                  encoder_attention_mask=attention_mask, use_cache=use_cache, **{CACHE_NAME: cache})
         logits = self.lm_head(dec.last_hidden_state) + self.final_logits_bias.to(dec.last_hidden_state.dtype)
         loss = loss_cap = loss_contrast = None
-        if labels is not None:                         # eq. (3); label pads are -100 and do not count
+        if labels is not None:                         # eq. (3), a mean per real label token (label pads are -100)
             # num_items_in_batch: the label-token count of the *global* batch (several processes or accumulation
             # steps), so that every token weighs the same however the batch is split
             ce = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction='sum')
-            loss = loss_cap = ce / (
-                num_items_in_batch if num_items_in_batch is not None else labels.ne(-100).sum().clamp_min(1))
+            n_tokens = num_items_in_batch if num_items_in_batch is not None else labels.ne(-100).sum().clamp_min(1)
+            loss = loss_cap = ce / n_tokens
             if self.contrast is not None and getattr(encoder_outputs, 'h_t', None) is not None:
-                loss_contrast = self.contrast(
-                    music_features, encoder_outputs.h_t, music_attention_mask, attention_mask, song_ids
-                )['loss_contrast']
-                loss = loss_cap + self.config.alpha * loss_contrast   # the one place the objective is weighted
+                losses = self.contrast(music_features, encoder_outputs.h_t, music_attention_mask, attention_mask,
+                                       song_ids)
+                loss_contrast = losses['loss_contrast']
+                loss = loss_cap + self.config.alpha * loss_contrast   # eq. (4): the one place it is weighted
         maps = getattr(encoder_outputs, 'fusion_attentions', None) if output_fusion_attentions else None
         return AlcapOutput(loss=loss, loss_cap=loss_cap, loss_contrast=loss_contrast, logits=logits,
                            encoder_last_hidden_state=encoder_outputs.last_hidden_state, fusion_attentions=maps,
