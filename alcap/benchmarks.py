@@ -634,16 +634,11 @@ def limits(R: dict) -> list[str]:
     if prof:
         if prof.get('device_busy_fraction') is not None:
             busy = prof['device_busy_fraction']
-            out.append(
-                f"The GPU is busy {_f(100 * busy, 0)}% of the profiled steps' wall time"
-                + (
-                    ': the host limits (Python and kernel launches, or waits for the GPU), '
-                    'which CUDA graphs or torch.compile address'
-                    if busy < 0.85
-                    else ': the kernels themselves limit'
-                )
-                + '.'
-            )
+            if busy < 0.85:
+                why = (': the host limits (Python and kernel launches, or waits for the GPU), which CUDA graphs or '
+                       'torch.compile address')
+            else: why = ': the kernels themselves limit'
+            out.append(f"The GPU is busy {_f(100 * busy, 0)}% of the profiled steps' wall time{why}.")
         kinds = ', '.join(f'{k} {_f(100 * v, 0)}%' for k, v in prof['time_by_kind'].items())
         out.append(f"Time by kind of work ({'device' if R.get('device') == 'cuda' else 'CPU'} time): {kinds}.")
     if R.get('loader') and ours:
@@ -724,13 +719,8 @@ def benchmarks_markdown(R: dict) -> str:
     keys = ('batch_size', 'steps', 'warmup_steps', 'seconds', 'samples_per_s', 'tokens_per_s', 'mfu',
             'padding_fraction', 'distinct_shapes', 'precision', 'optimizer', 'peak_memory_gb', 'final_loss', 'error')
     lines += ['| run | ' + ' | '.join(keys) + ' |', '|---' * (len(keys) + 1) + '|']
-    lines += [
-        f'| {name} | '
-        + ' | '.join(_f(r.get(k), 4) if isinstance(r.get(k), float) else _f(r.get(k)) for k in keys)
-        + ' |'
-        for name, r in rows
-        if r
-    ]
+    cell = lambda x: _f(x, 4) if isinstance(x, float) else _f(x)
+    lines += [f'| {name} | ' + ' | '.join(cell(r.get(k)) for k in keys) + ' |' for name, r in rows if r]
     gkeys = ('songs', 'songs_timed', 'batch_size', 'batches_timed', 'batches', 'seconds_timed', 'seconds',
              'extrapolated', 'new_tokens_per_song', 'tokens_per_s', 'do_sample', 'precision', 'peak_memory_gb')
     lines += ['', '| generation | ' + ' | '.join(gkeys) + ' |', '|---' * (len(gkeys) + 1) + '|']
@@ -741,18 +731,10 @@ def benchmarks_markdown(R: dict) -> str:
                   f"Measured matmul peak: {R['peak']['tflops']} TFLOP/s ({R['peak']['dtype']}, {R['peak']['n']}^3)."]
     prof = R.get('profile')
     if prof:
-        lines += [
-            '',
-            f"## Profile of ours ({prof['steps']} steps at batch {prof['batch_size']})",
-            '',
-            '```',
-            prof['table'].rstrip(),
-            '```',
-        ]
-    lines += ['', '## Phases', ''] + [
-        f"- {ph['name']}: {ph['status']}" + (f" ({ph['seconds']} s)" if 'seconds' in ph else '')
-        for ph in R.get('phases', [])
-    ]
+        lines += ['', f"## Profile of ours ({prof['steps']} steps at batch {prof['batch_size']})", '',
+                  '```', prof['table'].rstrip(), '```']
+    took = lambda ph: f" ({ph['seconds']} s)" if 'seconds' in ph else ''
+    lines += ['', '## Phases', ''] + [f"- {ph['name']}: {ph['status']}{took(ph)}" for ph in R.get('phases', [])]
     v = R.get('versions') or {}
     lines += [
         '',

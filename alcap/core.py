@@ -4,14 +4,15 @@
 
 # %% ../nbs/00_core.ipynb #39c9a984
 from __future__ import annotations
-import functools, os, platform, socket, sys, tempfile, time
+import contextlib, functools, io, os, platform, socket, sys, tempfile, time
 from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
 
 # %% auto #0
-__all__ = ['USER_ERRORS', 'atomic_write', 'user_errors', 'hardware', 'provenance', 'repo_root', 'hub_reachable', 'parse_value']
+__all__ = ['USER_ERRORS', 'atomic_write', 'user_errors', 'run_command', 'hardware', 'provenance', 'repo_root', 'hub_reachable',
+           'parse_value']
 
 # %% ../nbs/00_core.ipynb #5a742e9e
 def atomic_write(path, data: bytes|str) -> Path:
@@ -50,6 +51,16 @@ def user_errors(prog: str):
                 return 2
         return run
     return wrap
+
+# %% ../nbs/00_core.ipynb #86253637
+def run_command(main, argv: list, stdin: str|None = None) -> tuple[int, str, str]:
+    "Call a command's `main(argv)` in this process with `stdin` as its standard input: (exit status, stdout, stderr)."
+    out, err, old = io.StringIO(), io.StringIO(), sys.stdin
+    if stdin is not None: sys.stdin = io.StringIO(stdin)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err): rc = main([str(a) for a in argv])
+    finally: sys.stdin = old
+    return rc, out.getvalue(), err.getvalue()
 
 # %% ../nbs/00_core.ipynb #b6a95ea9
 def hardware() -> str:

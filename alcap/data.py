@@ -244,9 +244,8 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 8000, save_dir=N
     return fast
 
 # %% ../nbs/01_data.ipynb #9c19c5c0
-def get_tokenizer(
-    name_or_path: str = 'facebook/bart-base', texts: Iterable[str] | None = None, save_dir=None, vocab_size: int = 8000
-):
+def get_tokenizer(name_or_path: str = 'facebook/bart-base', texts: Iterable[str]|None = None, save_dir=None,
+                  vocab_size: int = 8000):
     "BART's tokenizer when reachable (local folder, hub cache, hub); otherwise a BPE trained on `texts`."
     p = Path(name_or_path)
     if p.is_dir():
@@ -276,8 +275,8 @@ def bucket_length(n: int, multiple: int = 64, max_len: int = 512) -> int:
 # %% ../nbs/01_data.ipynb #6c4ccc55
 class SongDataset(torch.utils.data.Dataset):
     "Tokenised (lyrics, caption) pairs with optional music features `h_m` from a feature cache."
-    def __init__(
-        self, songs: Sequence[Song], tokenizer, features=None, max_source_len: int = 512, max_target_len: int = 512):
+    def __init__(self, songs: Sequence[Song], tokenizer, features=None, max_source_len: int = 512,
+                 max_target_len: int = 512):
         self.songs, self.features = list(songs), features
         enc = lambda xs, n: tokenizer(list(xs), truncation=True, max_length=n)['input_ids']
         self.input_ids = enc((s.lyrics for s in self.songs), max_source_len)

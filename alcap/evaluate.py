@@ -15,8 +15,8 @@ from .retrieval import DEFAULT_MODEL, retrieval_scores
 
 # %% auto #0
 __all__ = ['CONFIG_KEYS', 'CAPTION_COLUMNS', 'GROUP_KEYS', 'TABLE1', 'TABLE2', 'PAPER', 'PAPER_COLUMNS', 'PROVENANCE',
-           'PAPER_METRICS', 'PAPER_AS', 'DATASET_NAMES', 'METHOD_NAMES', 'read_run', 'evaluate_run', 'aggregate',
-           'read_paper_numbers', 'table_frame', 'table_markdown', 'write_tables', 'eval_cli']
+           'PAPER_METRICS', 'PAPER_AS', 'DATASET_NAMES', 'METHOD_NAMES', 'read_run', 'evaluate_run', 'bow_embed',
+           'aggregate', 'read_paper_numbers', 'table_frame', 'table_markdown', 'write_tables', 'eval_cli']
 
 # %% ../nbs/04b_evaluate.ipynb #47bc4e64
 CONFIG_KEYS = ("dataset", "method", "alpha", "seed", "text_init", "music_encoder", "hardware", "command")
@@ -55,8 +55,8 @@ def read_run(run_dir) -> tuple[dict, pd.DataFrame]:
     return cfg, caps
 
 # %% ../nbs/04b_evaluate.ipynb #c8d3ed40
-def evaluate_run(
-    run_dir, model=DEFAULT_MODEL, ks=(5, 10, 20, 30), query_seed: int = 0, retrieval: bool = True, embed=None) -> dict:
+def evaluate_run(run_dir, model=DEFAULT_MODEL, ks=(5, 10, 20, 30), query_seed: int = 0, retrieval: bool = True,
+                 embed=None) -> dict:
     "Score one run folder and write `RUN/metrics.json`; returns what it wrote."
     cfg, caps = read_run(run_dir)
     refs, preds = caps["reference"].tolist(), caps["prediction"].tolist()
@@ -78,6 +78,12 @@ def evaluate_run(
            "settings": settings}
     atomic_write(Path(run_dir)/"metrics.json", json.dumps(out, indent=2))
     return out
+
+# %% ../nbs/04b_evaluate.ipynb #80649e32
+def bow_embed(texts: list[str]) -> np.ndarray:
+    "Counts of the numbers 0-39 and of 'river', 'slow', 'song': a stand-in for Sentence-BERT in examples and tests."
+    vocab = [str(i) for i in range(40)] + ["river", "slow", "song"]
+    return np.array([[t.replace(".", " ").replace(",", " ").split().count(w) for w in vocab] for t in texts], float)
 
 # %% ../nbs/04b_evaluate.ipynb #f393f962
 GROUP_KEYS = ("dataset", "method", "alpha", "text_init")
@@ -226,8 +232,8 @@ def table_markdown(df: pd.DataFrame, metrics: dict, title: str, command: str) ->
     return "\n".join(notes + lines) + "\n"
 
 # %% ../nbs/04b_evaluate.ipynb #9be19617
-def write_tables(
-    results: list[dict], out="results", command: str = "alcap-eval", paper_rows: list[dict] = ()) -> list[Path]:
+def write_tables(results: list[dict], out="results", command: str = "alcap-eval",
+                 paper_rows: list[dict] = ()) -> list[Path]:
     "Write Table 1 and Table 2 (CSV and Markdown) for scored runs to `out`."
     columns = [*GROUP_KEYS, "n_seeds", "seeds", "n_items", "hardware", "music_encoder", "command"]
     agg = aggregate(results) if results else pd.DataFrame(columns=columns)

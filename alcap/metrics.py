@@ -176,8 +176,8 @@ def _check_pairs(predictions, references) -> tuple[list[str], list[str]]:
     return predictions, references
 
 # %% ../nbs/02b_metrics.ipynb #d868f183
-def compute_metrics(
-    predictions: list[str], references: list[str], bootstrap: bool = True, seed: int | None = 0) -> dict:
+def compute_metrics(predictions: list[str], references: list[str], bootstrap: bool = True,
+                    seed: int|None = 0) -> dict:
     "ROUGE-1/2/L/Lsum F-measure and METEOR as `evaluate` computes them by default, plus ROUGE-1/2/L recall."
     predictions, references = _check_pairs(predictions, references)
     return {**rouge_scores(predictions, references, bootstrap, seed), "meteor": meteor(predictions, references)}

@@ -813,8 +813,8 @@ def npz_import_cli(argv=None):
     return 1 if r['failed'] else 0
 
 # %% ../nbs/01a_music.ipynb #8156666e
-def benchmark_features(
-    encoder, n_clips: int = 32, batch_size: int = 8, threads: int | None = None, seed: int = 0) -> dict:
+def benchmark_features(encoder, n_clips: int = 32, batch_size: int = 8, threads: int|None = None,
+                       seed: int = 0) -> dict:
     "Clips per second of `encoder` on random 15 s clips held in memory (after one warm-up batch)."
     if threads: torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(seed)

@@ -8,6 +8,7 @@ import soundfile as sf
 import torch
 
 from alcap.caption import Captioner, CaptionError, LyricsTruncated, caption_cli
+from alcap.core import run_command
 from alcap.data import load_songs
 from alcap.demodata import make_demo
 from alcap.music import FeatureCache, extract_features, get_encoder
@@ -39,14 +40,7 @@ def runs(tmp_path_factory):
 
 def cli(*argv, stdin=None, monkeypatch=None):
     "alcap-caption in-process: (exit status, stdout, stderr)."
-    import contextlib
-    out, err = io.StringIO(), io.StringIO()
-    old = sys.stdin
-    if stdin is not None: sys.stdin = io.StringIO(stdin)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err): rc = caption_cli([str(x) for x in argv])
-    finally: sys.stdin = old
-    return rc, out.getvalue(), err.getvalue()
+    return run_command(caption_cli, argv, stdin)
 
 
 def one_clear_line(rc, err, *names):
