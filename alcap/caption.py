@@ -20,9 +20,31 @@ from .model import AlcapForConditionalGeneration
 from .music import SR, AudioError, CNNSAEncoder, MusicnnEncoder, excerpt, load_audio
 
 # %% auto #0
-__all__ = ['CaptionError', 'find_model', 'run_parameters', 'music_settings', 'build_encoder', 'Captioner', 'load_excerpt',
-           'LyricsTruncated', 'read_lyrics', 'read_features', 'read_song_table', 'finished_ids', 'generation_overrides',
-           'caption_cli']
+__all__ = ['tiny_run', 'CaptionError', 'find_model', 'run_parameters', 'music_settings', 'build_encoder', 'Captioner',
+           'load_excerpt', 'LyricsTruncated', 'read_lyrics', 'read_features', 'read_song_table', 'finished_ids',
+           'generation_overrides', 'caption_cli']
+
+# %% ../nbs/03a_caption.ipynb #af0549e5
+def tiny_run(folder, method: str = 'alcap', n: int = 12, seed: int = 1, **options) -> Path:
+    "A finished run of `method` on `n` demo songs, with 3 s 'middle' excerpts zero-padded; returns the run folder."
+    # the trainer and the demo data only for this helper of examples and tests: alcap-caption starts without them
+    from alcap.demodata import make_demo
+    from alcap.music import extract_features, get_encoder
+    from alcap.train import TrainConfig, train
+    from alcap.data import load_songs
+    folder = Path(folder)
+    if (folder/'songs').exists(): songs = load_songs(folder/'songs')
+    else: songs = make_demo(folder/'songs', n=n, seed=seed, workers=1)
+    if method != 'bart':
+        enc = get_encoder('musicnn-msd', pretrained=False, seconds=3.0)
+        extract_features(songs, enc, folder/'feats', num_workers=0, policy='middle', pad='zero', progress=False)
+    settings = dict(alpha=0.1 if method == 'alcap' else 0.0, model_size='tiny', text_init='random', vocab_size=300,
+                    batch_size=8, epochs=1, max_source_len=48, max_target_len=32, num_beams=2, max_new_tokens=12,
+                    val_generate_n=0)
+    c = TrainConfig(dataset='jsonl', data_dir=str(folder/'songs'), features_dir=str(folder/'feats'), method=method,
+                    output_dir=str(folder/f'run_{method}'), **{**settings, **options})
+    train(c, progress=False)
+    return folder/f'run_{method}'
 
 # %% ../nbs/03a_caption.ipynb #ca000008
 class CaptionError(ValueError):

@@ -27,7 +27,8 @@ def train_method(method: str, seed: int, data: Path, runs: Path, **params) -> Pa
     "Train one method via papermill on nbs/03_train.ipynb; returns its run folder."
     out = runs/f'{method}_s{seed}'
     if finished_run(out, data): return out
-    parameters = dict(dataset='demo', data_dir=str(data), method=method, alpha=METHOD_ALPHA[method], seed=seed, output_dir=str(out), **params)
+    parameters = dict(dataset='demo', data_dir=str(data), method=method, alpha=METHOD_ALPHA[method], seed=seed,
+                      output_dir=str(out), **params)
     return run_training_notebook(out, parameters)
 
 # %% ../nbs/09_demo.ipynb #64a225af
@@ -35,11 +36,15 @@ def attribute_table(run_dirs) -> 'pd.DataFrame':
     "Per run: how often test captions name the true instrument, tempo, mood and theme."
     rows = []
     for r in run_dirs:
-        cfg, caps = json.loads((Path(r)/'config.json').read_text()), pd.read_csv(Path(r)/'captions_test.csv', keep_default_na=False)
+        cfg, caps = (json.loads((Path(r) / 'config.json').read_text()),
+                     pd.read_csv(Path(r) / 'captions_test.csv', keep_default_na=False))
         songs = {s.id: s for s in load_songs(cfg['parameters']['data_dir'])}
         sc = demo_scores(caps['prediction'].tolist(), [songs[i] for i in caps['id']])
-        rows.append(dict(method=cfg['method'], alpha=cfg['alpha'], seed=cfg['seed'], n_test=len(caps), **{k: round(v, 3) for k, v in sc.items()},
-                         text_init=cfg['text_init'], music_encoder=cfg['music_encoder'] or 'none', hardware=cfg['hardware']))
+        rows.append(
+            dict(method=cfg['method'], alpha=cfg['alpha'], seed=cfg['seed'], n_test=len(caps),
+                 **{k: round(v, 3) for k, v in sc.items()}, text_init=cfg['text_init'],
+                 music_encoder=cfg['music_encoder'] or 'none', hardware=cfg['hardware'])
+        )
     return pd.DataFrame(rows)
 
 SCORE_COLUMNS = ['instrument_score', 'tempo_score', 'mood_score', 'theme_score', 'attribute_score']
@@ -61,7 +66,8 @@ def loss_plot(run_dirs, path):
         e, name = pd.read_csv(Path(r)/'log_epochs.csv'), Path(r).name
         ax[0].plot(e['epoch'], e['val_loss_cap'], marker='o', label=name)
         if e['val_loss_contrast'].notna().any(): ax[1].plot(e['epoch'], e['val_loss_contrast'], marker='o', label=name)
-    ax[0].set(title='validation caption loss', xlabel='epoch'); ax[1].set(title='validation InfoNCE (ALCAP)', xlabel='epoch')
+    ax[0].set(title='validation caption loss', xlabel='epoch')
+    ax[1].set(title='validation InfoNCE (ALCAP)', xlabel='epoch')
     for a in ax: a.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -74,21 +80,25 @@ def write_demo_results(run_dirs, results: Path, command: str, seeds):
     write_tables(scored, out=results, command=command)
     att = attribute_table(run_dirs)
     att.to_csv(results/'attributes.csv', index=False)
-    m = json.loads((Path(run_dirs[0])/'config.json').read_text()).get('data_manifest') or {}  # what the runs were trained on
+    # what the runs were trained on
+    m = json.loads((Path(run_dirs[0]) / 'config.json').read_text()).get('data_manifest') or {}
     n_test = ', '.join(map(str, sorted(set(att['n_test']))))
-    md = ['# Demo: do the captions know what only the music tells?', '',
-          f'Share of generated test captions ({n_test} songs) that name the true instrument, tempo and mood of the song',
-          '(`attribute_score` is their mean) and its lyrical theme. BART sees only the lyrics; BART-fusion and ALCAP also',
-          'hear the music. The text model is a **small randomly initialised BART** trained on the demo only: these numbers',
-          'check the pipeline and the method on synthetic data; they are not a reproduction of the paper.', '',
-          att.to_markdown(index=False), '']
+    intro = f'''\
+Share of generated test captions ({n_test} songs) that name the true instrument, tempo and mood of the song
+(`attribute_score` is their mean) and its lyrical theme. BART sees only the lyrics; BART-fusion and ALCAP also
+hear the music. The text model is a **small randomly initialised BART** trained on the demo only: these numbers
+check the pipeline and the method on synthetic data; they are not a reproduction of the paper.'''
+    md = ['# Demo: do the captions know what only the music tells?', '', intro, '', att.to_markdown(index=False), '']
     if att.groupby('method')['seed'].nunique().max() > 1:
         md += ['## Mean ± sample std over seeds', '', attribute_summary(att).to_markdown(index=False), '']
-    md += ['## Provenance', '',
-          provenance(command, seeds, data=f"built-in demo dataset, {m.get('n')} songs (seed {m.get('seed')}, generator version {m.get('generator_version')}), test split {n_test} songs",
-                     model='random-init BART (d_model 128, 4+4 layers, BPE trained on the training split); frozen pretrained MSD musicnn features')]
+    data = (f"built-in demo dataset, {m.get('n')} songs (seed {m.get('seed')}, generator version "
+            f"{m.get('generator_version')}), test split {n_test} songs")
+    model = ('random-init BART (d_model 128, 4+4 layers, BPE trained on the training split); '
+             'frozen pretrained MSD musicnn features')
+    md += ['## Provenance', '', provenance(command, seeds, data=data, model=model)]
     atomic_write(results/'attributes.md', '\n'.join(md) + '\n')
-    for r in run_dirs: atomic_write(results/f'captions_test_{Path(r).name}.csv', (Path(r)/'captions_test.csv').read_text())
+    for r in run_dirs:
+        atomic_write(results / f'captions_test_{Path(r).name}.csv', (Path(r) / 'captions_test.csv').read_text())
     loss_plot(run_dirs, results/'loss.png')
     return att
 
@@ -96,7 +106,8 @@ def write_demo_results(run_dirs, results: Path, command: str, seeds):
 @user_errors('alcap-demo')
 def main(argv: list[str]|None = None):
     "Command line: run the demo pipeline."
-    p = argparse.ArgumentParser(prog='alcap-demo', description='Run the ALCAP pipeline on the built-in demo dataset (CPU).')
+    p = argparse.ArgumentParser(
+        prog='alcap-demo', description='Run the ALCAP pipeline on the built-in demo dataset (CPU).')
     p.add_argument('--data', default='data/demo', help='demo dataset folder (generated if absent)')
     p.add_argument('--runs', default='runs/demo', help='where the training runs go')
     p.add_argument('--results', default='results/demo', help='where tables and figures go')
@@ -104,8 +115,10 @@ def main(argv: list[str]|None = None):
     p.add_argument('--seed', type=int, default=0, help='seed of the demo dataset')
     p.add_argument('--seeds', type=int, nargs='+', default=[0], help='training seeds')
     p.add_argument('--methods', nargs='+', default=list(METHOD_ALPHA), choices=list(METHOD_ALPHA))
-    p.add_argument('--stages', nargs='+', default=['data', 'features', 'train', 'evaluate'], choices=['data', 'features', 'train', 'evaluate'])
-    p.add_argument('--param', action='append', default=[], metavar='KEY=VALUE', help='a training parameter for every run (as papermill -p)')
+    p.add_argument('--stages', nargs='+', default=['data', 'features', 'train', 'evaluate'],
+                   choices=['data', 'features', 'train', 'evaluate'])
+    p.add_argument('--param', action='append', default=[], metavar='KEY=VALUE',
+                   help='a training parameter for every run (as papermill -p)')
     p.add_argument('--regenerate', action='store_true',
                    help='replace a demo of another size or seed in --data (deletes its features)')
     args = p.parse_args(argv)
@@ -130,7 +143,8 @@ def main(argv: list[str]|None = None):
                 print(f'[train] {m} seed {seed} -> {runs[-1]} ({time.time() - t0:.0f} s)', flush=True)
     else:  # evaluate what is already trained
         runs = [out for seed in args.seeds for m in args.methods if finished_run(out := run_root/f'{m}_s{seed}', data)]
-    if 'evaluate' in args.stages and not runs: print(f'[evaluate] nothing to evaluate: no finished run in {args.runs}', file=sys.stderr)
+    if 'evaluate' in args.stages and not runs:
+        print(f'[evaluate] nothing to evaluate: no finished run in {args.runs}', file=sys.stderr)
     elif 'evaluate' in args.stages:
         att = write_demo_results(runs, Path(args.results), cmd, args.seeds)
         print(att[['method', 'seed', *SCORE_COLUMNS]].to_string(index=False))

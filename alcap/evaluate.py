@@ -15,8 +15,8 @@ from .retrieval import DEFAULT_MODEL, retrieval_scores
 
 # %% auto #0
 __all__ = ['CONFIG_KEYS', 'CAPTION_COLUMNS', 'GROUP_KEYS', 'TABLE1', 'TABLE2', 'PAPER', 'PAPER_COLUMNS', 'PROVENANCE',
-           'PAPER_METRICS', 'PAPER_AS', 'DATASET_NAMES', 'METHOD_NAMES', 'read_run', 'evaluate_run', 'aggregate',
-           'read_paper_numbers', 'table_frame', 'table_markdown', 'write_tables', 'eval_cli']
+           'PAPER_METRICS', 'PAPER_AS', 'DATASET_NAMES', 'METHOD_NAMES', 'read_run', 'evaluate_run', 'bow_embed',
+           'aggregate', 'read_paper_numbers', 'table_frame', 'table_markdown', 'write_tables', 'eval_cli']
 
 # %% ../nbs/04b_evaluate.ipynb #47bc4e64
 CONFIG_KEYS = ("dataset", "method", "alpha", "seed", "text_init", "music_encoder", "hardware", "command")
@@ -41,19 +41,22 @@ def read_run(run_dir) -> tuple[dict, pd.DataFrame]:
     run = Path(run_dir)
     cfg_path, cap_path = run/"config.json", run/"captions_test.csv"
     for p in (cfg_path, cap_path):
-        if not p.is_file(): raise FileNotFoundError(f"{p}: missing (a run folder holds config.json and captions_test.csv)")
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: missing (a run folder holds config.json and captions_test.csv)")
     try: cfg = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e: raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
     if missing := [k for k in CONFIG_KEYS if k not in cfg]: raise ValueError(f"{cfg_path}: missing keys {missing}")
     cfg["music_encoder"] = cfg["music_encoder"] or "none"  # lyrics-only runs have none
     caps = _read_captions(cap_path)
-    if missing := [c for c in CAPTION_COLUMNS if c not in caps.columns]: raise ValueError(f"{cap_path}: missing columns {missing}")
+    if missing := [c for c in CAPTION_COLUMNS if c not in caps.columns]:
+        raise ValueError(f"{cap_path}: missing columns {missing}")
     if "n_test" in cfg and int(cfg["n_test"]) != len(caps):
         raise ValueError(f"{cap_path}: {len(caps)} rows but {cfg_path} says the test split has {cfg['n_test']} items")
     return cfg, caps
 
 # %% ../nbs/04b_evaluate.ipynb #c8d3ed40
-def evaluate_run(run_dir, model=DEFAULT_MODEL, ks=(5, 10, 20, 30), query_seed: int = 0, retrieval: bool = True, embed=None) -> dict:
+def evaluate_run(run_dir, model=DEFAULT_MODEL, ks=(5, 10, 20, 30), query_seed: int = 0, retrieval: bool = True,
+                 embed=None) -> dict:
     "Score one run folder and write `RUN/metrics.json`; returns what it wrote."
     cfg, caps = read_run(run_dir)
     refs, preds = caps["reference"].tolist(), caps["prediction"].tolist()
@@ -61,15 +64,26 @@ def evaluate_run(run_dir, model=DEFAULT_MODEL, ks=(5, 10, 20, 30), query_seed: i
     if retrieval:  # candidates are songs: the items of one song (same id) count as one, relevant to each of its queries
         scores |= retrieval_scores(refs, preds, ks=ks, seed=query_seed, model=model, embed=embed,
                                    song_ids=caps["id"].tolist())
-    settings = {"rouge": "rouge_score, use_stemmer=False, BootstrapAggregator mid (numpy seed 0); F-measure, *_recall = mid.recall",
-                "meteor": "nltk single_meteor_score, alpha=0.9, beta=3, gamma=0.5, WordNet 3.0; mean over pairs",
-                "meteor_tokenizer": meteor_tokenizer_name(),
-                "retrieval_model": None if not retrieval else ("custom embed" if embed else str(model)),
-                "retrieval_query_seed": query_seed, "retrieval_candidates": f"songs ({caps['id'].nunique()} ids)",
-                "ks": list(ks)}
-    out = {"run": str(Path(run_dir)), "config": cfg, "n_items": len(caps), "n_scored": len(preds), "metrics": scores, "settings": settings}
+    settings = {
+        "rouge": "rouge_score, use_stemmer=False, BootstrapAggregator mid (numpy seed 0); F-measure, *_recall = "
+                 "mid.recall",
+        "meteor": "nltk single_meteor_score, alpha=0.9, beta=3, gamma=0.5, WordNet 3.0; mean over pairs",
+        "meteor_tokenizer": meteor_tokenizer_name(),
+        "retrieval_model": None if not retrieval else ("custom embed" if embed else str(model)),
+        "retrieval_query_seed": query_seed,
+        "retrieval_candidates": f"songs ({caps['id'].nunique()} ids)",
+        "ks": list(ks),
+    }
+    out = {"run": str(Path(run_dir)), "config": cfg, "n_items": len(caps), "n_scored": len(preds), "metrics": scores,
+           "settings": settings}
     atomic_write(Path(run_dir)/"metrics.json", json.dumps(out, indent=2))
     return out
+
+# %% ../nbs/04b_evaluate.ipynb #80649e32
+def bow_embed(texts: list[str]) -> np.ndarray:
+    "Counts of the numbers 0-39 and of 'river', 'slow', 'song': a stand-in for Sentence-BERT in examples and tests."
+    vocab = [str(i) for i in range(40)] + ["river", "slow", "song"]
+    return np.array([[t.replace(".", " ").replace(",", " ").split().count(w) for w in vocab] for t in texts], float)
 
 # %% ../nbs/04b_evaluate.ipynb #f393f962
 GROUP_KEYS = ("dataset", "method", "alpha", "text_init")
@@ -78,13 +92,15 @@ def _join(xs) -> str: return "; ".join(sorted({str(x) for x in xs}))
 
 def aggregate(results: list[dict]) -> pd.DataFrame:
     "One row per (dataset, method, alpha, text_init): mean and sample std over seeds of every metric, with provenance."
-    flat = pd.DataFrame([{**{k: r["config"][k] for k in CONFIG_KEYS}, "run": r["run"], "n_items": r["n_items"], **r["metrics"]} for r in results])
+    flat = pd.DataFrame([{**{k: r["config"][k] for k in CONFIG_KEYS}, "run": r["run"], "n_items": r["n_items"],
+                          **r["metrics"]} for r in results])
     metrics, rows = list(dict.fromkeys(k for r in results for k in r["metrics"])), []
     for key, g in (flat.groupby(list(GROUP_KEYS), sort=False, dropna=False) if len(flat) else []):
         if g["seed"].duplicated().any():
             raise ValueError(f"runs {list(g['run'])} of {dict(zip(GROUP_KEYS, key))} repeat a seed: {list(g['seed'])}")
-        row = dict(zip(GROUP_KEYS, key), n_seeds=len(g), seeds=" ".join(map(str, sorted(g["seed"]))), n_items=_join(g["n_items"]),
-                   hardware=_join(g["hardware"]), music_encoder=_join(g["music_encoder"]), command=_join(g["command"]), runs=_join(g["run"]))
+        row = dict(zip(GROUP_KEYS, key), n_seeds=len(g), seeds=" ".join(map(str, sorted(g["seed"]))),
+                   n_items=_join(g["n_items"]), hardware=_join(g["hardware"]), music_encoder=_join(g["music_encoder"]),
+                   command=_join(g["command"]), runs=_join(g["run"]))
         for m in metrics:
             row[m], row[f"{m}_std"] = g[m].mean(), (g[m].std(ddof=1) if len(g) > 1 else np.nan)
         rows.append(row)
@@ -155,12 +171,13 @@ def table_frame(agg: pd.DataFrame, metrics: dict, table: int, paper_rows: list[d
     rows = []
     for _, a in agg.iterrows():
         row = dict(source="ours", dataset=DATASET_NAMES.get(a["dataset"], a["dataset"]),
-                   method=METHOD_NAMES.get(a["method"], a["method"]),
-                   alpha=a["alpha"], n_seeds=a["n_seeds"],
-                   data=f"{a['dataset']} test split, {a['n_items']} items scored", seeds=a["seeds"], initialisation=a["text_init"],
-                   music_encoder=a["music_encoder"], hardware=a["hardware"], command=a["command"])
+                   method=METHOD_NAMES.get(a["method"], a["method"]), alpha=a["alpha"], n_seeds=a["n_seeds"],
+                   data=f"{a['dataset']} test split, {a['n_items']} items scored", seeds=a["seeds"],
+                   initialisation=a["text_init"], music_encoder=a["music_encoder"], hardware=a["hardware"],
+                   command=a["command"])
         for m in metrics: row[m], row[f"{m}_std"] = 100 * a.get(m, np.nan), 100 * a.get(f"{m}_std", np.nan)
-        row["note"] = "random text init: not comparable with the paper's pretrained BART" if str(a["text_init"]).startswith("random") else ""
+        random_init = str(a["text_init"]).startswith("random")
+        row["note"] = "random text init: not comparable with the paper's pretrained BART" if random_init else ""
         rows.append(row)
     paper = [dict(source=PAPER, **{k: v for k, v in r.items() if k != "table"})
              for r in paper_rows if r.get("table") == table]
@@ -171,7 +188,8 @@ def table_frame(agg: pd.DataFrame, metrics: dict, table: int, paper_rows: list[d
     if not paper:
         missing = "paper values not filled in: pass alcap-eval --paper FILE (see results/paper_numbers.csv)"
         rows.append(dict(source=PAPER, note=missing))
-    cols = ["source", "dataset", "method", "alpha", "n_seeds", *[c for m in metrics for c in (m, f"{m}_std")], *PROVENANCE, "command", "note"]
+    cols = ["source", "dataset", "method", "alpha", "n_seeds", *[c for m in metrics for c in (m, f"{m}_std")],
+            *PROVENANCE, "command", "note"]
     return pd.DataFrame(rows).reindex(columns=cols)
 
 # %% ../nbs/04b_evaluate.ipynb #e5afa63d
@@ -205,15 +223,23 @@ def table_markdown(df: pd.DataFrame, metrics: dict, title: str, command: str) ->
              "one); p@k = r@k / k.",
              "Mean ± sample std over seeds. Rows whose source is the paper are the published numbers, not ours.", "",
              f"Made by: `{command}`", ""]
-    if not ours: notes += ["**No run of ours is in this table yet**: it will be filled by `alcap-eval RUN_DIR...` once training runs exist.", ""]
+    if not ours:
+        notes += [
+            "**No run of ours is in this table yet**: it will be filled by `alcap-eval RUN_DIR...` once training runs "
+            "exist.",
+            "",
+        ]
     return "\n".join(notes + lines) + "\n"
 
 # %% ../nbs/04b_evaluate.ipynb #9be19617
-def write_tables(results: list[dict], out="results", command: str = "alcap-eval", paper_rows: list[dict] = ()) -> list[Path]:
+def write_tables(results: list[dict], out="results", command: str = "alcap-eval",
+                 paper_rows: list[dict] = ()) -> list[Path]:
     "Write Table 1 and Table 2 (CSV and Markdown) for scored runs to `out`."
-    agg = aggregate(results) if results else pd.DataFrame(columns=[*GROUP_KEYS, "n_seeds", "seeds", "n_items", "hardware", "music_encoder", "command"])
+    columns = [*GROUP_KEYS, "n_seeds", "seeds", "n_items", "hardware", "music_encoder", "command"]
+    agg = aggregate(results) if results else pd.DataFrame(columns=columns)
     paths = []
-    for n, metrics, title in ((1, TABLE1, "Table 1: captioning (ROUGE, METEOR)"), (2, TABLE2, "Table 2: text-to-music retrieval (p@k, r@k)")):
+    for n, metrics, title in ((1, TABLE1, "Table 1: captioning (ROUGE, METEOR)"),
+                              (2, TABLE2, "Table 2: text-to-music retrieval (p@k, r@k)")):
         df = table_frame(agg, metrics, n, paper_rows)
         paths.append(atomic_write(Path(out)/f"table{n}.csv", df.to_csv(index=False, float_format="%.4f")))
         paths.append(atomic_write(Path(out)/f"table{n}.md", table_markdown(df, metrics, title, command)))
@@ -230,7 +256,8 @@ def eval_cli(argv=None):
     p.add_argument("--ks", type=int, nargs="+", default=[5, 10, 20, 30])
     p.add_argument("--query-seed", type=int, default=0, help="seed choosing each reference's query sentence")
     p.add_argument("--no-retrieval", action="store_true", help="skip Table 2's retrieval scores")
-    p.add_argument("--paper", help="CSV of the paper's published rows to put beside ours (see results/paper_numbers.csv)")
+    p.add_argument(
+        "--paper", help="CSV of the paper's published rows to put beside ours (see results/paper_numbers.csv)")
     p.add_argument("--paper-std", help="CSV of the \"±\" the paper prints, keyed by table, dataset, method "
                                        "(results/paper_numbers_std.csv)")
     args = p.parse_args(argv)
@@ -243,7 +270,14 @@ def eval_cli(argv=None):
                                  "(pass the run folders, or another --out)")
     paper_rows, results = (read_paper_numbers(args.paper, args.paper_std) if args.paper else ()), []
     for r in args.runs:
-        results.append(evaluate_run(r, model=args.model, ks=tuple(args.ks), query_seed=args.query_seed, retrieval=not args.no_retrieval))
+        results.append(
+            evaluate_run(
+                r, model=args.model, ks=tuple(args.ks), query_seed=args.query_seed, retrieval=not args.no_retrieval)
+        )
         m = results[-1]["metrics"]
-        print(f"{r}: {results[-1]['n_scored']} items, " + ", ".join(f"{k} {100 * m[k]:.2f}" for k in ("rouge1", "rouge2", "rougeL", "meteor")))
-    for path in write_tables(results, args.out, command=shlex.join(["alcap-eval", *argv]), paper_rows=paper_rows): print(f"wrote {path}")
+        print(
+            f"{r}: {results[-1]['n_scored']} items, "
+            + ", ".join(f"{k} {100 * m[k]:.2f}" for k in ("rouge1", "rouge2", "rougeL", "meteor"))
+        )
+    for path in write_tables(results, args.out, command=shlex.join(["alcap-eval", *argv]), paper_rows=paper_rows):
+        print(f"wrote {path}")

@@ -55,7 +55,8 @@ def build_wordnet_layout(src, nltk_data) -> Path:
     src, dest = Path(src), Path(nltk_data)/"corpora"/"wordnet"
     if (dest/"lexnames").is_file(): return dest
     missing = [f for f in _REQUIRED if not (src/f).is_file()]
-    if missing: raise FileNotFoundError(f"{src} is not a WordNet 3.0 database: missing {', '.join(missing)}. {INSTALL_HINT}")
+    if missing:
+        raise FileNotFoundError(f"{src} is not a WordNet 3.0 database: missing {', '.join(missing)}. {INSTALL_HINT}")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".wordnet-", dir=dest.parent))
     try:
@@ -72,8 +73,11 @@ def build_wordnet_layout(src, nltk_data) -> Path:
 # %% ../nbs/02b_metrics.ipynb #ed2f0647
 def _nltk_has_wordnet() -> bool:
     for name in ("corpora/wordnet", "corpora/wordnet.zip"):
-        try: nltk.data.find(name); return True
-        except LookupError: pass
+        try:
+            nltk.data.find(name)
+            return True
+        except LookupError:
+            pass
     return False
 
 def _reader(root: Path) -> WordNetCorpusReader:
@@ -91,7 +95,9 @@ def load_wordnet(use_nltk: bool = True, source_dirs: tuple | None = None, nltk_d
     root = nltk_data/"corpora"/"wordnet"
     if not (root/"lexnames").is_file():
         src = next((d for d in dirs if (Path(d)/"data.noun").is_file()), None)
-        if src is None: raise LookupError(f"WordNet not found in NLTK's data path, {nltk_data} or {', '.join(dirs)}. {INSTALL_HINT}")
+        if src is None:
+            raise LookupError(
+                f"WordNet not found in NLTK's data path, {nltk_data} or {', '.join(dirs)}. {INSTALL_HINT}")
         try: build_wordnet_layout(src, nltk_data)
         except OSError:  # cache folder not writable: build in the temporary folder instead
             nltk_data = Path(tempfile.gettempdir())/f"alcap-nltk_data-{os.getuid()}"
@@ -145,7 +151,8 @@ def rouge_scores(predictions: list[str], references: list[str], bootstrap: bool 
     per_pair = [scorer.score(r, p) for p, r in zip(predictions, references)]
     if bootstrap: mid = _bootstrap_mid(per_pair, seed)
     else: mid = {t: scoring.Score(*np.mean([s[t] for s in per_pair], axis=0)) for t in ROUGE_TYPES}
-    return {**{t: float(mid[t].fmeasure) for t in ROUGE_TYPES}, **{f"{t}_recall": float(mid[t].recall) for t in ROUGE_TYPES[:3]}}
+    return {**{t: float(mid[t].fmeasure) for t in ROUGE_TYPES},
+            **{f"{t}_recall": float(mid[t].recall) for t in ROUGE_TYPES[:3]}}
 
 # %% ../nbs/02b_metrics.ipynb #6f656d4d
 def meteor(predictions: list[str], references: list[str], alpha=0.9, beta=3, gamma=0.5, wordnet=None) -> float:
@@ -169,7 +176,8 @@ def _check_pairs(predictions, references) -> tuple[list[str], list[str]]:
     return predictions, references
 
 # %% ../nbs/02b_metrics.ipynb #d868f183
-def compute_metrics(predictions: list[str], references: list[str], bootstrap: bool = True, seed: int | None = 0) -> dict:
+def compute_metrics(predictions: list[str], references: list[str], bootstrap: bool = True,
+                    seed: int|None = 0) -> dict:
     "ROUGE-1/2/L/Lsum F-measure and METEOR as `evaluate` computes them by default, plus ROUGE-1/2/L recall."
     predictions, references = _check_pairs(predictions, references)
     return {**rouge_scores(predictions, references, bootstrap, seed), "meteor": meteor(predictions, references)}

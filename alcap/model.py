@@ -53,8 +53,8 @@ class AlcapConfig(BartConfig):
     text_init: str = "random"                          # or 'pretrained:<name or folder>'
     # what inference needs to prepare a new song exactly as training did (written by the trainer; None: not recorded)
     max_source_len: int | None = None                  # lyrics tokens the model was trained on; longer lyrics are cut
-    music_encoder: str | None = None                   # the encoder whose h_m the model was trained on, e.g. 'musicnn-msd'
-    music_preprocessing: dict | None = None            # how h_m was made: the feature cache's settings (weights, excerpt)
+    music_encoder: str | None = None  # the encoder whose h_m the model was trained on, e.g. 'musicnn-msd'
+    music_preprocessing: dict | None = None  # how h_m was made: the feature cache's settings (weights, excerpt)
 
     @property
     def use_music(self): return self.method != 'bart'
@@ -63,27 +63,35 @@ class AlcapConfig(BartConfig):
         "Fusion places as sorted non-negative encoder-layer indices (validated)."
         n, fl = self.encoder_layers, self.fusion_layers
         if fl == 'after_encoder': return [n - 1]
-        if isinstance(fl, str) or not fl: raise ValueError(f"fusion_layers must be a non-empty list of layer indices or 'after_encoder', got {fl!r}")
+        if isinstance(fl, str) or not fl:
+            raise ValueError(f"fusion_layers must be a non-empty list of layer indices or 'after_encoder', got {fl!r}")
         if any(not -n <= i < n for i in fl):
-            raise ValueError(f"fusion_layers {list(fl)} out of range for a {n}-layer encoder; pass e.g. fusion_layers=[{n - 1}] or 'after_encoder'")
+            raise ValueError(
+                f"fusion_layers {list(fl)} out of range for a {n}-layer encoder; pass e.g. fusion_layers=[{n - 1}] or "
+                "'after_encoder'"
+            )
         return sorted({i % n for i in fl})
 
     def text_layer(self):
         "Index of the encoder layer whose output (before any fusion after it) is h_t."
         n = self.encoder_layers
         if self.contrast_layer is None: return self.fusion_positions()[0] - 1 if self.use_music else n - 1
-        if not -n <= self.contrast_layer < n: raise ValueError(f"contrast_layer {self.contrast_layer} out of range for a {n}-layer encoder")
+        if not -n <= self.contrast_layer < n:
+            raise ValueError(f"contrast_layer {self.contrast_layer} out of range for a {n}-layer encoder")
         return self.contrast_layer % n
 
     def validate(self):
         "Raise a clear error on inconsistent settings; return self."
         if self.method not in METHODS: raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        if self.method != 'alcap' and self.alpha != 0: raise ValueError(f"method {self.method!r} has alpha = 0 (got {self.alpha}); use method='alcap'")
-        if self.method == 'alcap' and not self.alpha > 0: raise ValueError(f"method 'alcap' needs alpha > 0 (got {self.alpha}); alpha = 0 is 'bart-fusion'")
+        if self.method != 'alcap' and self.alpha != 0:
+            raise ValueError(f"method {self.method!r} has alpha = 0 (got {self.alpha}); use method='alcap'")
+        if self.method == 'alcap' and not self.alpha > 0:
+            raise ValueError(f"method 'alcap' needs alpha > 0 (got {self.alpha}); alpha = 0 is 'bart-fusion'")
         if self.use_music: self.fusion_positions()
         if self.method == 'alcap' and self.text_layer() < 0:
             raise ValueError("fusion after encoder layer 0 leaves no fusion-free layer for h_t; set contrast_layer")
-        if self.contrast_similarity not in ('cosine', 'dot'): raise ValueError(f"contrast_similarity must be 'cosine' or 'dot', got {self.contrast_similarity!r}")
+        if self.contrast_similarity not in ('cosine', 'dot'):
+            raise ValueError(f"contrast_similarity must be 'cosine' or 'dot', got {self.contrast_similarity!r}")
         return self
 
     @classmethod
@@ -104,7 +112,7 @@ class FusionCrossAttention(nn.Module):
         self.attn = nn.MultiheadAttention(d_model, n_heads, kdim=d_music, vdim=d_music, batch_first=True)
 
     def forward(self, h_t, h_m, music_mask=None, need_weights: bool = True):
-        "The attended music (B, L, d_model) and the weights (B, L, l_m), averaged over heads (None unless `need_weights`)."
+        "The attended music (B, L, d_model) and the head-averaged weights (B, L, l_m), None unless `need_weights`."
         # need_weights=False lets PyTorch use scaled_dot_product_attention (fused kernels) instead of materialising them
         if music_mask is None: return self.attn(h_t, h_m, h_m, need_weights=need_weights)
         empty = ~music_mask.bool().any(1)              # softmax over no frame at all would give NaN ...
@@ -153,11 +161,14 @@ class AlcapForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
         self.fusion = self.fusion_norms = self.contrast = None
         if config.use_music:
             n = len(config.fusion_positions())
-            self.fusion = nn.ModuleList(FusionCrossAttention(config.d_model, config.d_music, config.fusion_heads) for _ in range(n))
-            self.fusion_norms = nn.ModuleList(nn.LayerNorm(config.d_model) for _ in range(1 if config.fusion_share_norm else n))
+            self.fusion = nn.ModuleList(
+                FusionCrossAttention(config.d_model, config.d_music, config.fusion_heads) for _ in range(n))
+            self.fusion_norms = nn.ModuleList(
+                nn.LayerNorm(config.d_model) for _ in range(1 if config.fusion_share_norm else n))
         if config.alpha > 0:
-            self.contrast = InfoNCE(config.d_model, config.d_music, config.contrast_proj_dim, config.contrast_similarity,
-                                    config.contrast_tau, config.contrast_symmetric, config.contrast_duplicates)
+            self.contrast = InfoNCE(config.d_model, config.d_music, config.contrast_proj_dim,
+                                    config.contrast_similarity, config.contrast_tau, config.contrast_symmetric,
+                                    config.contrast_duplicates)
         self.post_init()
 
     def get_encoder(self, modality=None): return _MusicAwareEncoder(self)
@@ -171,7 +182,8 @@ class AlcapForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
         h = F.dropout(h, p=enc.dropout, training=self.training)
         mask = create_bidirectional_mask(config=enc.config, inputs_embeds=x, attention_mask=attention_mask)
         places = cfg.fusion_positions() if cfg.use_music else []
-        if places and music_features is None: raise ValueError(f"method {cfg.method!r} needs music_features (B, l_m, {cfg.d_music})")
+        if places and music_features is None:
+            raise ValueError(f"method {cfg.method!r} needs music_features (B, l_m, {cfg.d_music})")
         h_t, maps = None, []
         for i, layer in enumerate(enc.layers):         # encoder layerdrop is not applied (bart-base has none)
             h = layer(h, mask)
@@ -191,20 +203,24 @@ class AlcapForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
         if labels is not None and decoder_input_ids is None:
             decoder_input_ids = shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
         if encoder_outputs is None:
-            encoder_outputs = self.encode(input_ids, attention_mask, music_features, music_attention_mask, output_fusion_attentions)
+            encoder_outputs = self.encode(
+                input_ids, attention_mask, music_features, music_attention_mask, output_fusion_attentions)
         dec = self.model.decoder(input_ids=decoder_input_ids, attention_mask=decoder_attention_mask,
                                  encoder_hidden_states=encoder_outputs.last_hidden_state,
                                  encoder_attention_mask=attention_mask, use_cache=use_cache, **{CACHE_NAME: cache})
         logits = self.lm_head(dec.last_hidden_state) + self.final_logits_bias.to(dec.last_hidden_state.dtype)
         loss = loss_cap = loss_contrast = None
-        if labels is not None:                         # eq. (3); label pads are -100 and do not count
+        if labels is not None:                         # eq. (3), a mean per real label token (label pads are -100)
             # num_items_in_batch: the label-token count of the *global* batch (several processes or accumulation
             # steps), so that every token weighs the same however the batch is split
             ce = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction='sum')
-            loss = loss_cap = ce / (num_items_in_batch if num_items_in_batch is not None else labels.ne(-100).sum().clamp_min(1))
+            n_tokens = num_items_in_batch if num_items_in_batch is not None else labels.ne(-100).sum().clamp_min(1)
+            loss = loss_cap = ce / n_tokens
             if self.contrast is not None and getattr(encoder_outputs, 'h_t', None) is not None:
-                loss_contrast = self.contrast(music_features, encoder_outputs.h_t, music_attention_mask, attention_mask, song_ids)['loss_contrast']
-                loss = loss_cap + self.config.alpha * loss_contrast   # the one place the objective is weighted
+                losses = self.contrast(music_features, encoder_outputs.h_t, music_attention_mask, attention_mask,
+                                       song_ids)
+                loss_contrast = losses['loss_contrast']
+                loss = loss_cap + self.config.alpha * loss_contrast   # eq. (4): the one place it is weighted
         maps = getattr(encoder_outputs, 'fusion_attentions', None) if output_fusion_attentions else None
         return AlcapOutput(loss=loss, loss_cap=loss_cap, loss_contrast=loss_contrast, logits=logits,
                            encoder_last_hidden_state=encoder_outputs.last_hidden_state, fusion_attentions=maps,
@@ -220,13 +236,16 @@ class AlcapForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
 
     @classmethod
     def from_bart(cls, bart, method='alcap', **options):
-        "A captioner on a pretrained BART checkpoint (hub name or local folder); a clear error when it is not reachable."
+        "A captioner on a pretrained BART checkpoint (hub name or local folder); a clear error when it is unreachable."
         local_only = not Path(bart).is_dir() and not hub_reachable()   # fail in a second, not after a minute of retries
-        try: src = BartForConditionalGeneration.from_pretrained(bart, local_files_only=local_only)
+        try:
+            src = BartForConditionalGeneration.from_pretrained(bart, local_files_only=local_only)
         except (OSError, ValueError) as e:
-            raise OSError(f"BART checkpoint {bart!r} is not reachable (no hub access, not cached, not a folder). "
-                          f"To train from random initialisation instead, say so explicitly: "
-                          f"AlcapForConditionalGeneration.from_bart_config(bart_base_config(vocab_size), method={method!r})") from e
+            raise OSError(
+                f"BART checkpoint {bart!r} is not reachable (no hub access, not cached, not a folder). "
+                f"To train from random initialisation instead, say so explicitly: "
+                f"AlcapForConditionalGeneration.from_bart_config(bart_base_config(vocab_size), method={method!r})"
+            ) from e
         model = cls(AlcapConfig.for_method(method, src.config, text_init=f"pretrained:{bart}", **options))
         missing, unexpected = model.load_state_dict(src.state_dict(), strict=False)
         if unexpected or [k for k in missing if not k.startswith(('fusion', 'contrast'))]:

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 import torchaudio
 from safetensors.torch import load_file, save
+from fastcore.basics import patch
 from tqdm.auto import tqdm
 from transformers import BertConfig
 from transformers.models.bert.modeling_bert import BertEncoder, BertPooler
@@ -95,8 +96,10 @@ def _varint(b: bytes, i: int):
     "Decode a protobuf/LevelDB varint at `b[i]`; returns (value, next index)."
     r = s = 0
     while True:
-        c = b[i]; i += 1
-        r |= (c & 0x7F) << s; s += 7
+        c = b[i]
+        i += 1
+        r |= (c & 0x7F) << s
+        s += 7
         if c < 0x80: return r, i
 
 # %% ../nbs/01a_music.ipynb #7db308b3
@@ -108,7 +111,9 @@ def _proto_fields(b: bytes) -> dict:
         wire = tag & 7
         if wire == 0: v, i = _varint(b, i)
         elif wire == 1: v, i = b[i:i + 8], i + 8
-        elif wire == 2: n, i = _varint(b, i); v, i = b[i:i + n], i + n
+        elif wire == 2:
+            n, i = _varint(b, i)
+            v, i = b[i:i + n], i + n
         elif wire == 5: v, i = b[i:i + 4], i + 4
         else: raise ValueError(f'unsupported protobuf wire type {wire}')
         out.setdefault(tag >> 3, []).append(v)
@@ -120,19 +125,25 @@ def _block_entries(block: bytes):
     n_restarts = struct.unpack_from('<I', block, len(block) - 4)[0]
     end, i, key = len(block) - 4 - 4 * n_restarts, 0, b''
     while i < end:
-        shared, i = _varint(block, i); unshared, i = _varint(block, i); vlen, i = _varint(block, i)
-        key = key[:shared] + block[i:i + unshared]; i += unshared
-        yield key, block[i:i + vlen]; i += vlen
+        shared, i = _varint(block, i)
+        unshared, i = _varint(block, i)
+        vlen, i = _varint(block, i)
+        key = key[:shared] + block[i:i + unshared]
+        i += unshared
+        yield key, block[i:i + vlen]
+        i += vlen
 
 def _sstable(data: bytes, name='index'):
     "Yield every (key, value) of an SSTable held in `data`."
     if len(data) < 48 or struct.unpack('<Q', data[-8:])[0] != 0xdb4775248b80fb57:
         raise ValueError(f'{name}: not an SSTable (bad magic number)')
     def block(handle, i=0):
-        off, i = _varint(handle, i); size, i = _varint(handle, i)
+        off, i = _varint(handle, i)
+        size, i = _varint(handle, i)
         if data[off + size] != 0: raise ValueError(f'{name}: compressed blocks are not supported')
         return data[off:off + size]
-    _, j = _varint(data[-48:], 0); _, j = _varint(data[-48:], j)  # skip the metaindex handle
+    _, j = _varint(data[-48:], 0)
+    _, j = _varint(data[-48:], j)  # skip the metaindex handle
     for _, handle in _block_entries(block(data[-48:], j)): yield from _block_entries(block(handle))
 
 # %% ../nbs/01a_music.ipynb #0c823c34
@@ -164,15 +175,19 @@ def read_tf_checkpoint(prefix, skip=('/Adam', 'beta1_power', 'beta2_power'), ver
     data, out = data_path.read_bytes(), {}
     for key, value in _sstable(index.read_bytes(), str(index)):
         name = key.decode()
-        if not name or any(s in name for s in skip): continue  # '' is the bundle header; optimiser slots are not weights
+        if not name or any(s in name for s in skip):
+            continue  # '' is the bundle header; optimiser slots are not weights
         e = _proto_fields(value)
         dtype = _TF_DTYPES[e.get(1, [1])[0]]
         shape = [_proto_fields(d).get(1, [0])[0] for d in _proto_fields(e[2][0]).get(2, [])] if 2 in e else []
-        if e.get(3, [0])[0] != 0: raise ValueError(f'{index}: {name} is in another shard; only single-shard bundles are supported')
+        if e.get(3, [0])[0] != 0:
+            raise ValueError(f'{index}: {name} is in another shard; only single-shard bundles are supported')
         off, size = e.get(4, [0])[0], e.get(5, [0])[0]
         raw = data[off:off + size]
-        if size != np.dtype(dtype).itemsize * math.prod(shape) or len(raw) != size: raise ValueError(f'{index}: {name} has a bad size')
-        if verify and 6 in e and struct.unpack('<I', e[6][0])[0] != _masked_crc32c(raw): raise ValueError(f'{data_path}: {name} fails its CRC32C')
+        if size != np.dtype(dtype).itemsize * math.prod(shape) or len(raw) != size:
+            raise ValueError(f'{index}: {name} has a bad size')
+        if verify and 6 in e and struct.unpack('<I', e[6][0])[0] != _masked_crc32c(raw):
+            raise ValueError(f'{data_path}: {name} fails its CRC32C')
         out[name] = np.frombuffer(raw, dtype=dtype).reshape(shape).copy()
     return out
 
@@ -184,7 +199,8 @@ def musicnn_checkpoint(model: str = 'MSD_musicnn') -> str:
     if model not in MUSICNN_MODELS: raise ValueError(f'model must be one of {MUSICNN_MODELS}, not {model!r}')
     spec = importlib.util.find_spec('musicnn')
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError("musicnn is not installed: run `pip install --no-deps musicnn==0.1.0` (.ci/setup does)")
+        raise ModuleNotFoundError(
+            "musicnn is not installed: run `pip install --no-deps musicnn==0.1.0` (.ci/setup does)")
     return str(Path(list(spec.submodule_search_locations)[0]) / model) + '/'
 
 # %% ../nbs/01a_music.ipynb #06d2449a
@@ -207,17 +223,20 @@ class MusiCNN(nn.Module):
         self.bn_input = _bn(1)
         timbral_widths = [int(0.4 * n_mels), int(0.7 * n_mels)]
         self.timbral = nn.ModuleList([_FreqBranch((7, w), int(filt * 128), (3, 3)) for w in timbral_widths])
-        self.temporal = nn.ModuleList([_FreqBranch((k, 1), int(filt * 32), ((k - 1) // 2, k // 2)) for k in (128, 64, 32)])
+        self.temporal = nn.ModuleList(
+            [_FreqBranch((k, 1), int(filt * 32), ((k - 1) // 2, k // 2)) for k in (128, 64, 32)])
         n_front = len(self.timbral) * int(filt * 128) + len(self.temporal) * int(filt * 32)
         self.mid_convs = nn.ModuleList([nn.Conv1d(c, n_mid, 7, padding=3) for c in (n_front, n_mid, n_mid)])
         self.mid_bns = nn.ModuleList([_bn(n_mid, 1) for _ in range(3)])
         self.d_frames = n_front + 3 * n_mid  # 753: the frame features the back-end pools
-        self.bn_pool, self.dense, self.bn_dense = _bn(2 * self.d_frames, 1), nn.Linear(2 * self.d_frames, n_dense), _bn(n_dense, 1)
+        self.bn_pool, self.dense, self.bn_dense = (_bn(2 * self.d_frames, 1), nn.Linear(2 * self.d_frames, n_dense),
+                                                   _bn(n_dense, 1))
         self.out = nn.Linear(n_dense, n_class)
 
 # %% ../nbs/01a_music.ipynb #68bb189b
+@patch
 @torch.no_grad()
-def _musicnn_forward(self: MusiCNN, x: torch.Tensor) -> dict:
+def forward(self: MusiCNN, x: torch.Tensor) -> dict:
     "Logits and intermediate features of a log-mel batch `x` (B, T, n_mels)."
     x = self.bn_input(x.unsqueeze(1))
     timbral = torch.cat([b(x) for b in self.timbral], 1)
@@ -232,16 +251,17 @@ def _musicnn_forward(self: MusiCNN, x: torch.Tensor) -> dict:
     pooled = torch.stack([mx, mean], 2).flatten(1)  # TF flattens (753, 2): max/mean interleaved
     penultimate = self.bn_dense(F.relu(self.dense(self.bn_pool(pooled))))
     t = lambda a: a.transpose(1, 2)
-    return dict(logits=self.out(penultimate), timbral=t(timbral), temporal=t(temporal), cnn1=t(mids[0]), cnn2=t(mids[1]),
-                cnn3=t(mids[2]), frames=t(frames), mean_pool=mean, max_pool=mx, penultimate=penultimate)
-MusiCNN.forward = _musicnn_forward
+    return dict(logits=self.out(penultimate), timbral=t(timbral), temporal=t(temporal), cnn1=t(mids[0]),
+                cnn2=t(mids[1]), cnn3=t(mids[2]), frames=t(frames), mean_pool=mean, max_pool=mx,
+                penultimate=penultimate)
 
 # %% ../nbs/01a_music.ipynb #ce4f580b
 def musicnn_state_dict_from_tf(w: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     "Map musicnn's TensorFlow variables onto `MusiCNN`'s parameter names."
     sd = {}
     def bn(tf_name, pt):
-        for a, b in (('gamma', 'weight'), ('beta', 'bias'), ('moving_mean', 'running_mean'), ('moving_variance', 'running_var')):
+        for a, b in (('gamma', 'weight'), ('beta', 'bias'), ('moving_mean', 'running_mean'),
+                     ('moving_variance', 'running_var')):
             sd[f'{pt}.{b}'] = w[f'{tf_name}/{a}']
         sd[f'{pt}.num_batches_tracked'] = np.array(0)
     def conv(tf_name, pt, one_d=False):
@@ -251,10 +271,13 @@ def musicnn_state_dict_from_tf(w: dict[str, np.ndarray]) -> dict[str, torch.Tens
     tfn = lambda base, i: base if i == 0 else f'{base}_{i}'
     bn(tfn('batch_normalization', 0), 'bn_input')
     for i, pt in enumerate(['timbral.0', 'timbral.1', 'temporal.0', 'temporal.1', 'temporal.2']):
-        conv(tfn('conv2d', i), f'{pt}.conv'); bn(tfn('batch_normalization', i + 1), f'{pt}.bn')
+        conv(tfn('conv2d', i), f'{pt}.conv')
+        bn(tfn('batch_normalization', i + 1), f'{pt}.bn')
     for i in range(3):
-        conv(tfn('conv2d', 5 + i), f'mid_convs.{i}', one_d=True); bn(tfn('batch_normalization', 6 + i), f'mid_bns.{i}')
-    bn('batch_normalization_9', 'bn_pool'); bn('batch_normalization_10', 'bn_dense')
+        conv(tfn('conv2d', 5 + i), f'mid_convs.{i}', one_d=True)
+        bn(tfn('batch_normalization', 6 + i), f'mid_bns.{i}')
+    bn('batch_normalization_9', 'bn_pool')
+    bn('batch_normalization_10', 'bn_dense')
     for tf_name, pt in (('dense', 'dense'), ('dense_1', 'out')):
         sd[f'{pt}.weight'], sd[f'{pt}.bias'] = w[f'{tf_name}/kernel'].T, w[f'{tf_name}/bias']
     return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}
@@ -282,8 +305,9 @@ def load_musicnn(model: str = 'MSD_musicnn', pretrained: bool = True, seed: int 
 # %% ../nbs/01a_music.ipynb #ae7b319b
 @functools.lru_cache(maxsize=4)
 def _musicnn_mel(device='cpu'):
-    return torchaudio.transforms.MelSpectrogram(SR, n_fft=512, hop_length=256, f_min=0.0, f_max=SR / 2, n_mels=96, power=2.0,
-                                                norm='slaney', mel_scale='slaney', center=True, pad_mode='reflect').to(device)
+    return torchaudio.transforms.MelSpectrogram(SR, n_fft=512, hop_length=256, f_min=0.0, f_max=SR / 2, n_mels=96,
+                                                power=2.0, norm='slaney', mel_scale='slaney', center=True,
+                                                pad_mode='reflect').to(device)
 
 def musicnn_logmel(wave: torch.Tensor) -> torch.Tensor:
     "Log-mel input of musicnn, (..., T, 96), from 16 kHz audio (..., N)."
@@ -293,8 +317,17 @@ def musicnn_logmel(wave: torch.Tensor) -> torch.Tensor:
     return torch.log10(10000 * mel + 1)
 
 # %% ../nbs/01a_music.ipynb #7e25636d
-MTT_TAGS = ['guitar', 'classical', 'slow', 'techno', 'strings', 'drums', 'electronic', 'rock', 'fast', 'piano', 'ambient', 'beat', 'violin', 'vocal', 'synth', 'female', 'indian', 'opera', 'male', 'singing', 'vocals', 'no vocals', 'harpsichord', 'loud', 'quiet', 'flute', 'woman', 'male vocal', 'no vocal', 'pop', 'soft', 'sitar', 'solo', 'man', 'classic', 'choir', 'voice', 'new age', 'dance', 'male voice', 'female vocal', 'beats', 'harp', 'cello', 'no voice', 'weird', 'country', 'metal', 'female voice', 'choral']
-MSD_TAGS = ['rock', 'pop', 'alternative', 'indie', 'electronic', 'female vocalists', 'dance', '00s', 'alternative rock', 'jazz', 'beautiful', 'metal', 'chillout', 'male vocalists', 'classic rock', 'soul', 'indie rock', 'Mellow', 'electronica', '80s', 'folk', '90s', 'chill', 'instrumental', 'punk', 'oldies', 'blues', 'hard rock', 'ambient', 'acoustic', 'experimental', 'female vocalist', 'guitar', 'Hip-Hop', '70s', 'party', 'country', 'easy listening', 'sexy', 'catchy', 'funk', 'electro', 'heavy metal', 'Progressive rock', '60s', 'rnb', 'indie pop', 'sad', 'House', 'happy']
+MTT_TAGS = ['guitar', 'classical', 'slow', 'techno', 'strings', 'drums', 'electronic', 'rock', 'fast', 'piano',
+            'ambient', 'beat', 'violin', 'vocal', 'synth', 'female', 'indian', 'opera', 'male', 'singing', 'vocals',
+            'no vocals', 'harpsichord', 'loud', 'quiet', 'flute', 'woman', 'male vocal', 'no vocal', 'pop', 'soft',
+            'sitar', 'solo', 'man', 'classic', 'choir', 'voice', 'new age', 'dance', 'male voice', 'female vocal',
+            'beats', 'harp', 'cello', 'no voice', 'weird', 'country', 'metal', 'female voice', 'choral']
+MSD_TAGS = ['rock', 'pop', 'alternative', 'indie', 'electronic', 'female vocalists', 'dance', '00s',
+            'alternative rock', 'jazz', 'beautiful', 'metal', 'chillout', 'male vocalists', 'classic rock', 'soul',
+            'indie rock', 'Mellow', 'electronica', '80s', 'folk', '90s', 'chill', 'instrumental', 'punk', 'oldies',
+            'blues', 'hard rock', 'ambient', 'acoustic', 'experimental', 'female vocalist', 'guitar', 'Hip-Hop', '70s',
+            'party', 'country', 'easy listening', 'sexy', 'catchy', 'funk', 'electro', 'heavy metal',
+            'Progressive rock', '60s', 'rnb', 'indie pop', 'sad', 'House', 'happy']
 PATCH_FRAMES = 187  # librosa.time_to_frames(3 s) + 1, as the original extractor computes it
 
 # %% ../nbs/01a_music.ipynb #ae7423cf
@@ -320,9 +353,12 @@ def tag_file(path, model: str = 'MTT_musicnn') -> dict[str, float]:
 @user_errors('alcap-tags')
 def tags_cli(argv=None):
     "Command line: print the top N musicnn tags of an audio file."
-    p = argparse.ArgumentParser(prog='alcap-tags', description='Top-N tags of an audio file with a pretrained musicnn (no TensorFlow).')
-    p.add_argument('audio'); p.add_argument('--model', default='MTT_musicnn', choices=MUSICNN_MODELS)
-    p.add_argument('--top', type=int, default=10); p.add_argument('--scores', action='store_true', help='print the probability too')
+    p = argparse.ArgumentParser(
+        prog='alcap-tags', description='Top-N tags of an audio file with a pretrained musicnn (no TensorFlow).')
+    p.add_argument('audio')
+    p.add_argument('--model', default='MTT_musicnn', choices=MUSICNN_MODELS)
+    p.add_argument('--top', type=int, default=10)
+    p.add_argument('--scores', action='store_true', help='print the probability too')
     a = p.parse_args(argv)
     probs = tag_file(a.audio, a.model)
     for tag, pr in list(probs.items())[:a.top]: print(f'{tag}\t{pr:.4f}' if a.scores else tag)
@@ -339,8 +375,9 @@ class MusicnnEncoder(nn.Module):
         self.name = 'musicnn-msd' if model == 'MSD_musicnn' else 'musicnn-mtt'
         self.d_m = sum(dims[l] for l in self.layers)
         self.l_m = (1 + int(round(seconds * SR)) // 256) // pool
-        self.config = dict(model=model, pretrained=pretrained, seed=None if pretrained else seed, layers=list(self.layers),
-                           pool=pool, seconds=seconds, sr=SR, mel='96 slaney mels, n_fft 512, hop 256, log10(10000x+1)')
+        self.config = dict(model=model, pretrained=pretrained, seed=None if pretrained else seed,
+                           layers=list(self.layers), pool=pool, seconds=seconds, sr=SR,
+                           mel='96 slaney mels, n_fft 512, hop 256, log10(10000x+1)')
 
     @torch.no_grad()
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
@@ -367,13 +404,15 @@ class CNNSA(nn.Module):
         super().__init__()
         with warnings.catch_warnings():  # 128 HTK mels on 257 FFT bins leave some filters empty: the reference's choice
             warnings.simplefilter('ignore')
-            self.spec = torchaudio.transforms.MelSpectrogram(SR, n_fft=512, f_min=0.0, f_max=8000.0, n_mels=n_mels)  # hop 256
+            # hop 256, torchaudio's default for n_fft 512
+            self.spec = torchaudio.transforms.MelSpectrogram(SR, n_fft=512, f_min=0.0, f_max=8000.0, n_mels=n_mels)
         self.to_db, self.spec_bn = torchaudio.transforms.AmplitudeToDB(), nn.BatchNorm2d(1)
         c = n_channels
         for i, (a, b, s) in enumerate([(1, c, 2), (c, c, 2), (c, 2*c, 2)] + [(2*c, 2*c, (2, 1))] * 4, 1):
             setattr(self, f'layer{i}', Res2d(a, b, s))
-        cfg = BertConfig(vocab_size=256, hidden_size=2*c, num_hidden_layers=2, num_attention_heads=8, intermediate_size=1024,
-                         hidden_act='gelu', hidden_dropout_prob=0.4, attention_probs_dropout_prob=0.5, max_position_embeddings=700)
+        cfg = BertConfig(vocab_size=256, hidden_size=2 * c, num_hidden_layers=2, num_attention_heads=8,
+                         intermediate_size=1024, hidden_act='gelu', hidden_dropout_prob=0.4,
+                         attention_probs_dropout_prob=0.5, max_position_embeddings=700)
         cfg._attn_implementation = 'eager'
         self.encoder, self.pooler = BertEncoder(cfg), BertPooler(cfg)
         self.dropout, self.dense = nn.Dropout(0.5), nn.Linear(2*c, n_class)
@@ -381,7 +420,8 @@ class CNNSA(nn.Module):
         self.register_buffer('cls', torch.tensor(cls, dtype=torch.float32), persistent=False)
 
 # %% ../nbs/01a_music.ipynb #4144d410
-def _cnnsa_forward(self: CNNSA, wave: torch.Tensor) -> torch.Tensor:
+@patch
+def forward(self: CNNSA, wave: torch.Tensor) -> torch.Tensor:
     "h_m (B, 1 + frames, 256) of 16 kHz clips (B, N)."
     x = self.spec_bn(self.to_db(self.spec(wave)).unsqueeze(1))
     for i in range(1, 8): x = getattr(self, f'layer{i}')(x)
@@ -389,10 +429,10 @@ def _cnnsa_forward(self: CNNSA, wave: torch.Tensor) -> torch.Tensor:
     x = torch.cat([self.cls.expand(len(x), 1, -1), x], 1)
     return self.encoder(x).last_hidden_state
 
-def _cnnsa_tags(self: CNNSA, wave):
+@patch
+def tags(self: CNNSA, wave):
     "Tag probabilities (B, 50) of the reference's head (pooler on the CLS position, dense, sigmoid)."
     return torch.sigmoid(self.dense(self.dropout(self.pooler(self(wave)))))
-CNNSA.forward, CNNSA.tags = _cnnsa_forward, _cnnsa_tags
 
 # %% ../nbs/01a_music.ipynb #7829749c
 def load_cnnsa(checkpoint=None, seed: int = 0) -> CNNSA:
@@ -400,14 +440,17 @@ def load_cnnsa(checkpoint=None, seed: int = 0) -> CNNSA:
     torch.manual_seed(seed)
     model = CNNSA()
     if checkpoint is None: return model.eval()
-    try: sd = torch.load(checkpoint, map_location='cpu', weights_only=True)
-    except Exception as e: raise ValueError(f'{checkpoint}: cannot read the CNNSA state dict ({type(e).__name__}: {e})') from e
+    try:
+        sd = torch.load(checkpoint, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise ValueError(f'{checkpoint}: cannot read the CNNSA state dict ({type(e).__name__}: {e})') from e
     for k in ('state_dict', 'model'):
         if isinstance(sd, dict) and isinstance(sd.get(k), dict): sd = sd[k]
     sd = {k.removeprefix('module.'): v for k, v in sd.items() if not k.removeprefix('module.').startswith('spec.')}
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not k.startswith('spec.')]
-    if missing or unexpected: raise ValueError(f'{checkpoint}: not a CNNSA state dict (missing {missing[:5]}, unexpected {unexpected[:5]})')
+    if missing or unexpected:
+        raise ValueError(f'{checkpoint}: not a CNNSA state dict (missing {missing[:5]}, unexpected {unexpected[:5]})')
     return model.eval()
 
 # %% ../nbs/01a_music.ipynb #434856f4
@@ -428,11 +471,14 @@ class CNNSAEncoder(nn.Module):
 # %% ../nbs/01a_music.ipynb #84b4da63
 ENCODERS = ('musicnn-msd', 'cnnsa')
 
-def get_encoder(name: str = 'musicnn-msd', checkpoint=None, pretrained: bool = True, seconds: float = 15.0, seed: int = 0):
-    "The frozen encoder `name` in eval mode: 'musicnn-msd' (default) or 'cnnsa' (needs the authors' `checkpoint` to be pretrained)."
-    if name == 'musicnn-msd': return MusicnnEncoder('MSD_musicnn', pretrained=pretrained, seconds=seconds, seed=seed).eval()
+def get_encoder(name: str = 'musicnn-msd', checkpoint=None, pretrained: bool = True, seconds: float = 15.0,
+                seed: int = 0):
+    "The frozen encoder `name` in eval mode: 'musicnn-msd' (default) or 'cnnsa' (pretrained from `checkpoint`)."
+    if name == 'musicnn-msd':
+        return MusicnnEncoder('MSD_musicnn', pretrained=pretrained, seconds=seconds, seed=seed).eval()
     if name == 'cnnsa':
-        if pretrained and checkpoint is None: raise ValueError("cnnsa needs checkpoint= (the authors' model_cnnsa.pth) or pretrained=False")
+        if pretrained and checkpoint is None:
+            raise ValueError("cnnsa needs checkpoint= (the authors' model_cnnsa.pth) or pretrained=False")
         return CNNSAEncoder(checkpoint if pretrained else None, seconds=seconds, seed=seed).eval()
     raise ValueError(f'encoder must be one of {ENCODERS}, not {name!r}')
 
@@ -464,23 +510,35 @@ class FeatureCache:
         return self._shards[name]
 
 # %% ../nbs/01a_music.ipynb #9a4e0034
-def _fc_getitem(self: FeatureCache, song_id) -> np.ndarray:
+@patch
+def __getitem__(self: FeatureCache, song_id) -> np.ndarray:
     "h_m of `song_id` as an fp16 (l_m, d_m) array."
-    if song_id not in self._index: raise KeyError(f'{song_id!r} is not in the feature cache {self.path}')
+    if song_id not in self._index:
+        raise KeyError(f'{song_id!r} is not in the feature cache {self.path}')
     shard, row = self._index[song_id]
     return np.asarray(self._shard(shard)[row])
 
-FeatureCache.__getitem__ = _fc_getitem
-FeatureCache.__contains__ = lambda self, song_id: song_id in self._index
-FeatureCache.__len__ = lambda self: len(self._index)
-FeatureCache.ids = lambda self: list(self._index)
-FeatureCache.length = lambda self, song_id: self._lengths[song_id]  # real (unpadded) frames
-# what h_m was computed from (None: not recorded)
-FeatureCache.source = lambda self, song_id: self._sources.get(song_id)
-FeatureCache.__repr__ = lambda self: f'FeatureCache({str(self.path)!r}: {len(self)} songs, {self.encoder_name}, h_m {self.l_m} x {self.d_m})'
+@patch
+def __contains__(self: FeatureCache, song_id): return song_id in self._index
+@patch
+def __len__(self: FeatureCache): return len(self._index)
+@patch
+def ids(self: FeatureCache) -> list: return list(self._index)
+@patch
+def length(self: FeatureCache, song_id) -> int:
+    "The real (unpadded) frames of `song_id`'s h_m."
+    return self._lengths[song_id]
+@patch
+def source(self: FeatureCache, song_id) -> dict|None:
+    "What `song_id`'s h_m was computed from (`audio_source`), None when not recorded."
+    return self._sources.get(song_id)
+@patch
+def __repr__(self: FeatureCache):
+    return f'FeatureCache({str(self.path)!r}: {len(self)} songs, {self.encoder_name}, h_m {self.l_m} x {self.d_m})'
 
 # %% ../nbs/01a_music.ipynb #72e22be4
-def _fc_create(cls, path, encoder_name: str, config: dict, l_m: int, d_m: int) -> FeatureCache:
+@patch(cls_method=True)
+def create(cls: FeatureCache, path, encoder_name: str, config: dict, l_m: int, d_m: int) -> FeatureCache:
     "Open the cache at `path`, creating it for this encoder; refuse a folder made with another encoder or config."
     path = Path(path)
     man = dict(encoder=encoder_name, config=config, l_m=l_m, d_m=d_m, dtype='float16', layout='alcap-shards-v1')
@@ -488,22 +546,27 @@ def _fc_create(cls, path, encoder_name: str, config: dict, l_m: int, d_m: int) -
     if mf.exists():
         old = json.loads(mf.read_text())
         if {k: old.get(k) for k in man} != json.loads(json.dumps(man)):
-            raise ValueError(f'{path} holds features of {old.get("encoder")} {old.get("config")}; use another --out folder')
+            raise ValueError(
+                f'{path} holds features of {old.get("encoder")} {old.get("config")}; use another --out folder')
     else:
         (path / 'shards').mkdir(parents=True, exist_ok=True)
         atomic_write(mf, json.dumps(man, indent=1))
     return cls(path)
 
 # %% ../nbs/01a_music.ipynb #0f733ac1
-def _fc_append(self: FeatureCache, ids: list, h: np.ndarray, lengths: list, sources: list|None = None):
+@patch
+def append(self: FeatureCache, ids: list, h: np.ndarray, lengths: list, sources: list|None = None):
     "Commit one shard: `h` (n, l_m, d_m) for `ids` (and their `audio_source`s); the json marker is written last."
     h = np.asarray(h, dtype=np.float16)
-    if h.shape != (len(ids), self.l_m, self.d_m): raise ValueError(f'expected {(len(ids), self.l_m, self.d_m)}, got {h.shape}')
+    if h.shape != (len(ids), self.l_m, self.d_m):
+        raise ValueError(f'expected {(len(ids), self.l_m, self.d_m)}, got {h.shape}')
     sources = list(sources) if sources is not None else [None] * len(ids)
     if len(sources) != len(ids): raise ValueError(f'{len(ids)} ids but {len(sources)} sources')
-    d = self.path / 'shards'; d.mkdir(exist_ok=True)
+    d = self.path / 'shards'
+    d.mkdir(exist_ok=True)
     n = max([int(p.stem) for p in d.glob('*.npy')] + [-1]) + 1
-    buf = io.BytesIO(); np.save(buf, h)
+    buf = io.BytesIO()
+    np.save(buf, h)
     atomic_write(d / f'{n:05d}.npy', buf.getvalue())
     marker = dict(ids=list(ids), lengths=[int(x) for x in lengths], sources=sources)
     atomic_write(d / f'{n:05d}.json', json.dumps(marker))
@@ -528,7 +591,8 @@ def source_changed(src: dict|None, path) -> str|None:
         return f'{path}: its content changed since its features were computed'
     return None  # touched or copied, same bytes
 
-def _fc_stale(self: FeatureCache, songs) -> list[tuple[str, str]]:
+@patch
+def stale(self: FeatureCache, songs) -> list[tuple[str, str]]:
     "(id, why) of every cached song whose audio changed since its features were computed."
     out, seen, confirmed = [], set(), {}
     for s in songs:
@@ -548,12 +612,11 @@ def _fc_stale(self: FeatureCache, songs) -> list[tuple[str, str]]:
         except OSError: pass  # a read-only cache: the files are hashed again next time
     return out
 
-FeatureCache.create, FeatureCache.append, FeatureCache.stale = classmethod(_fc_create), _fc_append, _fc_stale
-
 # %% ../nbs/01a_music.ipynb #ffde9a3d
 class _Clips(torch.utils.data.Dataset):
     "Decoded, excerpted clips; a failure is returned as its message, not raised."
-    def __init__(self, items, seconds, policy, pad): self.items, self.seconds, self.policy, self.pad = items, seconds, policy, pad
+    def __init__(self, items, seconds, policy, pad):
+        self.items, self.seconds, self.policy, self.pad = items, seconds, policy, pad
     def __len__(self): return len(self.items)
     def __getitem__(self, i):
         sid, path = self.items[i]
@@ -562,7 +625,8 @@ class _Clips(torch.utils.data.Dataset):
             # before decoding, so that the record matches what was read
             src = audio_source(path) if os.path.isfile(path) else None
             with warnings.catch_warnings():
-                warnings.simplefilter('ignore')  # repairs are fine in bulk; they are reported by load_audio when used directly
+                # repairs are fine in bulk; they are reported by load_audio when used directly
+                warnings.simplefilter('ignore')
                 clip, n_real = excerpt(load_audio(path), SR, self.seconds, self.policy, self.pad)
             return sid, path, torch.from_numpy(clip), n_real, '', src
         except Exception as e: return sid, path, None, 0, f'{type(e).__name__}: {e}', None
@@ -580,20 +644,22 @@ def _unique_audio(songs) -> dict[str, str|None]:
             raise ValueError(f'song id {sid!r} names two audio files, {paths[sid]} and {path}: one id per audio file')
     return paths
 
-def extract_features(songs, encoder, out, batch_size: int = 16, num_workers: int = 2, device=None, policy: str = 'start',
-                     pad: str = 'repeat', shard_mb: float = 64, progress: bool = True,
+def extract_features(songs, encoder, out, batch_size: int = 16, num_workers: int = 2, device=None,
+                     policy: str = 'start', pad: str = 'repeat', shard_mb: float = 64, progress: bool = True,
                      commit_every_s: float = 60.0) -> dict:
     "Store every song's h_m (fp16) in the FeatureCache at `out`; resumable; returns counts and the failures."
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    cache = FeatureCache.create(out, encoder.name, dict(encoder.config, policy=policy, pad=pad), encoder.l_m, encoder.d_m)
+    cache = FeatureCache.create(
+        out, encoder.name, dict(encoder.config, policy=policy, pad=pad), encoder.l_m, encoder.d_m)
     paths = _unique_audio(songs)
     stale = dict(cache.stale(argparse.Namespace(id=i, audio_path=p) for i, p in paths.items()))
     todo = [(sid, p) for sid, p in paths.items() if sid not in cache or sid in stale]
     n_skipped = len(paths) - len(todo)
     encoder = encoder.to(device).eval()
     rows_per_shard = max(1, int(shard_mb * 2**20 // (encoder.l_m * encoder.d_m * 2)))
-    loader = torch.utils.data.DataLoader(_Clips(todo, encoder.seconds, policy, pad), batch_size=batch_size, num_workers=num_workers,
-                                         collate_fn=list, worker_init_fn=_worker_init if num_workers else None)
+    loader = torch.utils.data.DataLoader(_Clips(todo, encoder.seconds, policy, pad), batch_size=batch_size,
+                                         num_workers=num_workers, collate_fn=list,
+                                         worker_init_fn=_worker_init if num_workers else None)
     buf, failures, last_commit = ([], [], [], []), [], time.monotonic()
 
     def commit():
@@ -620,7 +686,8 @@ def extract_features(songs, encoder, out, batch_size: int = 16, num_workers: int
 
 # %% ../nbs/01a_music.ipynb #f34a3758
 def _write_failures(path, failures):
-    buf = io.StringIO(); csv.writer(buf).writerows([('id', 'path', 'error'), *failures])
+    buf = io.StringIO()
+    csv.writer(buf).writerows([('id', 'path', 'error'), *failures])
     atomic_write(path, buf.getvalue())
 
 # %% ../nbs/01a_music.ipynb #2e23071c
@@ -644,15 +711,19 @@ def features_cli(argv=None):
     "Command line: extract every song's h_m into a feature cache."
     argv = sys.argv[1:] if argv is None else list(argv)
     if any(x.split('=')[0] == '--from-npz' for x in argv): return npz_import_cli(argv)  # import, nothing to extract
-    p = argparse.ArgumentParser(prog='alcap-features', description='Precompute frozen music features h_m for a dataset.')
+    p = argparse.ArgumentParser(
+        prog='alcap-features', description='Precompute frozen music features h_m for a dataset.')
     p.add_argument('--from-npz', metavar='DIR', help="import precomputed h_m (DIR/{id}.npz, array 'a'): npz_import_cli")
     p.add_argument('--data', required=True, help='dataset folder (metadata.jsonl + audio/) or a folder of audio files')
     p.add_argument('--encoder', default='musicnn-msd', choices=ENCODERS)
     p.add_argument('--checkpoint', help="cnnsa: the authors' model_cnnsa.pth")
     p.add_argument('--random-init', action='store_true', help='random encoder weights (baselines, speed tests)')
-    p.add_argument('--out', required=True); p.add_argument('--batch-size', type=int, default=16)
-    p.add_argument('--workers', type=int, default=2); p.add_argument('--device', default=None)
-    p.add_argument('--excerpt', default='start', choices=('start', 'middle')); p.add_argument('--pad', default='repeat', choices=('repeat', 'zero'))
+    p.add_argument('--out', required=True)
+    p.add_argument('--batch-size', type=int, default=16)
+    p.add_argument('--workers', type=int, default=2)
+    p.add_argument('--device', default=None)
+    p.add_argument('--excerpt', default='start', choices=('start', 'middle'))
+    p.add_argument('--pad', default='repeat', choices=('repeat', 'zero'))
     a = p.parse_args(argv)
     songs = _songs_in(a.data)
     enc = get_encoder(a.encoder, a.checkpoint, pretrained=not a.random_init)
@@ -691,18 +762,28 @@ def import_npz_features(src, out, encoder: str = 'cnnsa', key: str = 'a', shard_
     shape = NPZ_SHAPES.get(encoder)
     if shape is None:  # the first readable file fixes it
         for f in files:
-            try: shape = read_npz_embedding(f, key).shape; break
-            except ValueError: pass
+            try:
+                shape = read_npz_embedding(f, key).shape
+                break
+            except ValueError:
+                pass
         else: raise ValueError(f'{src}: none of its {len(files)} .npz files holds a usable embedding under {key!r}')
     config = dict(source='npz', folder=str(src.resolve()), key=key, note=f'precomputed {encoder} embeddings, imported')
     cache = FeatureCache.create(out, encoder, config, *shape)
     rows_per_shard = max(1, int(shard_mb * 2**20 // (shape[0] * shape[1] * 2)))
     done, skipped, failures, buf = 0, 0, [], ([], [])
     for f in files:
-        if f.stem in cache: skipped += 1; continue
-        try: h = read_npz_embedding(f, key, shape)
-        except ValueError as e: failures.append((f.stem, str(f), str(e))); continue
-        buf[0].append(f.stem); buf[1].append(h); done += 1
+        if f.stem in cache:
+            skipped += 1
+            continue
+        try:
+            h = read_npz_embedding(f, key, shape)
+        except ValueError as e:
+            failures.append((f.stem, str(f), str(e)))
+            continue
+        buf[0].append(f.stem)
+        buf[1].append(h)
+        done += 1
         if len(buf[0]) >= rows_per_shard:
             cache.append(buf[0], np.stack(buf[1]), [shape[0]] * len(buf[0]))
             buf = ([], [])
@@ -721,21 +802,28 @@ def npz_import_cli(argv=None):
     p.add_argument('--key', default='a', help="the array's name in each file")
     p.add_argument('--out', required=True)
     a = p.parse_args(argv)
-    try: r = import_npz_features(a.src, a.out, a.encoder, a.key)
-    except (ValueError, FileNotFoundError) as e: print(f'alcap-features: {e}', file=sys.stderr); return 2
+    try:
+        r = import_npz_features(a.src, a.out, a.encoder, a.key)
+    except (ValueError, FileNotFoundError) as e:
+        print(f'alcap-features: {e}', file=sys.stderr)
+        return 2
     print(f"{r['done']} imported, {r['skipped']} already there, {r['failed']} failed -> {a.out}")
     for _, path, err in r['failures'][:10]: print(f'{path}: {err}', file=sys.stderr)
     if r['failed'] > 10: print(f"... {r['failed'] - 10} more in {Path(a.out) / 'failures.csv'}", file=sys.stderr)
     return 1 if r['failed'] else 0
 
 # %% ../nbs/01a_music.ipynb #8156666e
-def benchmark_features(encoder, n_clips: int = 32, batch_size: int = 8, threads: int | None = None, seed: int = 0) -> dict:
+def benchmark_features(encoder, n_clips: int = 32, batch_size: int = 8, threads: int|None = None,
+                       seed: int = 0) -> dict:
     "Clips per second of `encoder` on random 15 s clips held in memory (after one warm-up batch)."
     if threads: torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(seed)
     x = (torch.rand(batch_size, int(encoder.seconds * SR), generator=g) - 0.5) * 0.2
     encoder(x[:1])  # warm-up
     t0, done = time.perf_counter(), 0
-    while done < n_clips: encoder(x); done += batch_size
+    while done < n_clips:
+        encoder(x)
+        done += batch_size
     dt = time.perf_counter() - t0
-    return dict(encoder=encoder.name, clips=done, batch_size=batch_size, threads=torch.get_num_threads(), seconds=dt, clips_per_s=done / dt)
+    return dict(encoder=encoder.name, clips=done, batch_size=batch_size, threads=torch.get_num_threads(), seconds=dt,
+                clips_per_s=done / dt)

@@ -83,9 +83,10 @@ def precision_recall_at_k(ranks, ks=(5, 10, 20, 30)) -> dict:
 # %% ../nbs/04a_retrieval.ipynb #823bcf88
 def retrieval_scores(references: list[str], predictions: list[str], ks=(5, 10, 20, 30), seed: int = 0,
                      model=DEFAULT_MODEL, embed: Callable | None = None, tie_tol: float = 1e-5, song_ids=None) -> dict:
-    "Text-to-music retrieval: a random reference sentence per song queries the generated captions by cosine; p@k and r@k."
+    "Text-to-music retrieval: a random reference sentence per song queries the generated captions by cosine; p@k, r@k."
     references, predictions = list(references), list(predictions)
-    if len(references) != len(predictions): raise ValueError(f"{len(references)} references but {len(predictions)} predictions")
+    if len(references) != len(predictions):
+        raise ValueError(f"{len(references)} references but {len(predictions)} predictions")
     if not references: raise ValueError("no songs to retrieve")
     embed = embed or embedder(model)
     sim = cosine_matrix(embed(pick_queries(references, seed)), embed(predictions))

@@ -7,11 +7,10 @@ import pytest
 import soundfile as sf
 import torch
 
-from alcap.caption import Captioner, CaptionError, LyricsTruncated, caption_cli
+from alcap.caption import Captioner, CaptionError, LyricsTruncated, caption_cli, tiny_run
+from alcap.core import run_command
 from alcap.data import load_songs
-from alcap.demodata import make_demo
-from alcap.music import FeatureCache, extract_features, get_encoder
-from alcap.train import TrainConfig, train
+from alcap.music import FeatureCache
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT.parent/'shared'/'fixtures'
@@ -23,30 +22,13 @@ GEN = ['--generate', 'min_new_tokens=3']  # a barely trained model would otherwi
 def runs(tmp_path_factory):
     "Finished tiny runs (alcap, bart) on 10 demo songs; music: random-init musicnn, 3 s from the middle, zero-padded."
     d = tmp_path_factory.mktemp('caption')
-    songs = make_demo(d/'songs', n=10, seed=2, workers=1)
-    enc = get_encoder('musicnn-msd', pretrained=False, seconds=3.0)
-    extract_features(songs, enc, d/'feats', num_workers=0, policy='middle', pad='zero', progress=False)
-    out = {}
-    for method in ('alcap', 'bart'):
-        c = TrainConfig(dataset='jsonl', data_dir=str(d/'songs'), features_dir=str(d/'feats'), method=method,
-                        alpha=0.1 if method == 'alcap' else 0.0, model_size='tiny', text_init='random', vocab_size=300,
-                        batch_size=8, epochs=1, max_source_len=48, max_target_len=32, num_beams=1, max_new_tokens=8,
-                        val_generate_n=0, output_dir=str(d/method))
-        train(c, progress=False)
-        out[method] = d/method
+    out = {method: tiny_run(d, method, n=10, seed=2, num_beams=1, max_new_tokens=8) for method in ('alcap', 'bart')}
     return dict(dir=d, songs=load_songs(d/'songs'), **out)
 
 
 def cli(*argv, stdin=None, monkeypatch=None):
     "alcap-caption in-process: (exit status, stdout, stderr)."
-    import contextlib
-    out, err = io.StringIO(), io.StringIO()
-    old = sys.stdin
-    if stdin is not None: sys.stdin = io.StringIO(stdin)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err): rc = caption_cli([str(x) for x in argv])
-    finally: sys.stdin = old
-    return rc, out.getvalue(), err.getvalue()
+    return run_command(caption_cli, argv, stdin)
 
 
 def one_clear_line(rc, err, *names):

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from alcap.evaluate import PAPER, aggregate, eval_cli, evaluate_run, read_run, write_tables
+from alcap.evaluate import PAPER, aggregate, bow_embed, eval_cli, evaluate_run, read_run, write_tables
 from alcap.retrieval import packaged_model_path
 
 
@@ -26,11 +26,6 @@ def make_run(root, name, method="ALCAP", seed=0, preds=lambda r: r, n=13, datase
     pd.DataFrame(dict(id=[f"s{i}" for i in range(n)], lyrics="la; la", reference=refs, prediction=preds(refs))).to_csv(
         d / "captions_test.csv", index=False)
     return d
-
-
-def bow_embed(texts):
-    vocab = [str(i) for i in range(40)] + ["river", "slow", "song"]
-    return np.array([[t.replace(".", " ").replace(",", " ").split().count(w) for w in vocab] for t in texts], float)
 
 
 def test_every_item_is_scored_and_metrics_json_written(tmp_path):

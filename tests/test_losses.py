@@ -2,22 +2,8 @@
 import math
 import pytest, torch, torch.nn.functional as F
 from alcap.losses import InfoNCE, masked_mean, info_nce_logits, first_occurrence
+from alcap.losses import identity_nce, info_nce_by_loop
 
-def ce_by_loop(z_a, z_b, sim, tau):
-    "Eq. (1) written as an explicit loop in float64: anchors are the rows of z_a."
-    z_a, z_b = z_a.detach().double(), z_b.detach().double()
-    if sim == 'cosine': z_a, z_b = z_a / z_a.norm(dim=-1, keepdim=True), z_b / z_b.norm(dim=-1, keepdim=True)
-    n, total = len(z_a), 0.0
-    for i in range(n):
-        logits = [float(z_a[i] @ z_b[k]) / tau for k in range(n)]
-        total -= logits[i] - math.log(sum(math.exp(x) for x in logits))
-    return total / n
-
-def identity_nce(d, **kw):
-    m = InfoNCE(d, d, proj_dim=d, **kw)
-    with torch.no_grad():
-        for p in (m.proj_m, m.proj_t): p.weight.copy_(torch.eye(d)); p.bias.zero_()
-    return m
 
 @pytest.fixture
 def data():
@@ -35,10 +21,10 @@ def test_infonce_matches_independent_computation(data, sim, symmetric):
     nce = InfoNCE(16, 24, proj_dim=8, similarity=sim, tau=0.3, symmetric=symmetric)
     out = nce(h_m, h_t, mm, tm)
     z_m, z_t = nce.embed(h_m, h_t, mm, tm)
-    m2t = ce_by_loop(z_m, z_t, sim, 0.3)
+    m2t = info_nce_by_loop(z_m, z_t, sim, 0.3)
     assert out['loss_m2t'].item() == pytest.approx(m2t, rel=1e-5)
     if symmetric:
-        t2m = ce_by_loop(z_t, z_m, sim, 0.3)
+        t2m = info_nce_by_loop(z_t, z_m, sim, 0.3)
         assert out['loss_t2m'].item() == pytest.approx(t2m, rel=1e-5)
         assert out['loss_contrast'].item() == pytest.approx((m2t + t2m) / 2, rel=1e-5)
     else:
