@@ -612,6 +612,15 @@ def stale(self: FeatureCache, songs) -> list[tuple[str, str]]:
         except OSError: pass  # a read-only cache: the files are hashed again next time
     return out
 
+# %% ../nbs/01a_music.ipynb #1bfff1d1
+from fastcore.basics import patch
+
+@patch
+def check_encoder(self: FeatureCache, name: str, where: str):
+    "Refuse a cache of another encoder's features than `name`; `where` names what pointed here (a parameter, a flag)."
+    if self.encoder_name != name:
+        raise ValueError(f"{where}: the cache holds {self.encoder_name!r} features but music_encoder={name!r}")
+
 # %% ../nbs/01a_music.ipynb #ffde9a3d
 class _Clips(torch.utils.data.Dataset):
     "Decoded, excerpted clips; a failure is returned as its message, not raised."

@@ -1,5 +1,5 @@
 "Tests of the trainer: parameter validation, resume equality, atomic checkpoints, 2-process DDP equality."
-import json, os, signal, socket, subprocess, sys, time
+import ast, dataclasses, io, json, os, signal, socket, subprocess, sys, time, tokenize
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +8,8 @@ import torch
 
 from alcap.demodata import make_demo
 from alcap.music import FeatureCache
-from alcap.train import TrainConfig, load_checkpoint, save_checkpoint, train, validate
+from alcap.train import (DEMO_N, PRESETS, TrainConfig, ensure_features, load_checkpoint, load_dataset_songs,
+                         save_checkpoint, train, validate)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,6 +44,63 @@ def test_notebook_stops_on_bad_parameter(tmp_path):
     with pytest.raises(pm.PapermillExecutionError, match="dataset='msd'"):
         pm.execute_notebook(str(ROOT/'nbs'/'03_train.ipynb'), str(tmp_path/'out.ipynb'), parameters=dict(dataset='msd'),
                             progress_bar=False, cwd=str(ROOT))
+
+
+def _parameters_cell():
+    "The assignments of the papermill `parameters` cell of nbs/03_train.ipynb, in order, as (name, value)."
+    nb = json.loads((ROOT/'nbs'/'03_train.ipynb').read_text())
+    cells = [c for c in nb['cells'] if 'parameters' in c.get('metadata', {}).get('tags', [])]
+    assert len(cells) == 1, 'one cell tagged parameters'
+    tree = ast.parse(''.join(cells[0]['source']))
+    assert all(isinstance(n, ast.Assign) and len(n.targets) == 1 for n in tree.body), 'only `name = value` lines'
+    return [(n.targets[0].id, ast.literal_eval(n.value)) for n in tree.body]
+
+
+def test_parameters_cell_is_train_config():
+    "The notebook's knobs are TrainConfig's fields: the same names, in the same order, with the same defaults."
+    cell = _parameters_cell()
+    assert [k for k, _ in cell] == [f.name for f in dataclasses.fields(TrainConfig)]
+    assert dict(cell) == dataclasses.asdict(TrainConfig())
+
+
+def test_presets_fill_only_knobs_that_default_to_none():
+    "A preset never overrides a value: it only sets fields whose default is None, and a given value wins."
+    none_knobs = {f.name for f in dataclasses.fields(TrainConfig) if f.default is None}
+    for name, preset in PRESETS.items():
+        assert set(preset) <= none_knobs, (name, set(preset) - none_knobs)
+    si = dataclasses.asdict(TrainConfig(dataset='si-full').resolve())
+    given = {k: v for k, v in si.items() if k in PRESETS['demo'] and v is not None}
+    assert given['lr'] != PRESETS['demo']['lr']
+    resolved = TrainConfig(**{**given, 'dataset': 'demo'}).resolve()
+    assert {k: getattr(resolved, k) for k in given} == given
+
+
+def test_demo_default_is_the_quick_one():
+    "Neither demo_n nor data_dir: the README's quick demo (DEMO_N songs); 800 songs: the main job's data/demo."
+    assert (TrainConfig().resolve().demo_n, TrainConfig().resolve().data_dir) == (DEMO_N, f'data/demo-{DEMO_N}')
+    assert TrainConfig(demo_n=800).resolve().data_dir == 'data/demo'
+    assert f'CPU demo: {DEMO_N} songs' in (ROOT/'README.md').read_text()
+
+
+def test_train_module_is_one_statement_per_line():
+    "alcap/train.py (exported from nbs/03_train.ipynb): no line over 120 characters, no statements joined by ';'."
+    src = (ROOT/'alcap'/'train.py').read_text()
+    head, rest = src.split('# %% auto', 1)
+    body = head + rest.split('\n# %%', 1)[1]  # all but nbdev's generated __all__
+    assert [l for l in body.splitlines() if len(l) > 120] == []
+    tokens = tokenize.generate_tokens(io.StringIO(src).readline)
+    semis = [t.start[0] for t in tokens if t.type == tokenize.OP and t.string == ';']
+    assert semis == []
+
+
+def test_feature_cache_of_another_encoder_is_refused_where_it_is_opened(tiny_data, tmp_path):
+    "validate() and ensure_features() share FeatureCache.check_encoder: one rule, one message."
+    cfg = tiny_config(tiny_data, tmp_path, music_encoder='cnnsa').resolve()
+    with pytest.raises(ValueError, match="features_dir=.*holds 'musicnn-msd' features but music_encoder='cnnsa'"):
+        ensure_features(cfg, load_dataset_songs(cfg))
+    with pytest.raises(ValueError, match="--features: the cache holds 'musicnn-msd'"):
+        FeatureCache(tiny_data/'feats').check_encoder('cnnsa', '--features')
+    FeatureCache(tiny_data/'feats').check_encoder('musicnn-msd', '--features')
 
 
 def test_resuming_a_run_with_other_parameters_is_refused(tiny_data, tmp_path):
