@@ -17,13 +17,14 @@ from transformers import AutoConfig
 from transformers.optimization import Adafactor
 
 from .core import atomic_write, hardware, hub_reachable, parse_value, user_errors
-from .data import (SI_VARIANTS, Collator, LengthGroupedBatchSampler, Song, SongDataset, check_si_sizes,
-                        get_tokenizer, load_ncm_csv, load_si_csvs, load_songs)
+from .data import (PAIRINGS, SI_VARIANTS, Collator, LengthGroupedBatchSampler, Song, SongDataset, check_si_sizes,
+                        get_tokenizer, load_ncm_csv, load_si_csvs, load_songs, pair_music)
 from .music import FeatureCache
 from .demodata import demo_scores, ensure_demo_data
 from .demodata import ensure_features as ensure_demo_features
 from .model import METHODS, AlcapForConditionalGeneration, bart_base_config, tiny_bart_config
 from .metrics import compute_metrics
+from .losses import info_nce_log_n
 
 # %% auto #0
 __all__ = ['DATASETS', 'PRESETS', 'BEST_METRICS', 'GENERATION_PARAMS', 'STEP_FIELDS', 'EPOCH_FIELDS', 'TrainConfig', 'validate',
@@ -64,6 +65,8 @@ class TrainConfig:
     similarity: str = 'cosine'            # 'cosine' (original code) or 'dot' (eq. 1)
     symmetric: bool = False               # also the lyrics-anchored InfoNCE direction
     proj_dim: int = 256                   # width of z_m, z_t
+    pairing: str = 'true'                 # 'true' music-lyrics pairs, or 'shuffled': each training song's lyrics and caption
+                                          # with another song's music, a seeded derangement per epoch (validation stays true)
     seed: int = 0
     epochs: int|None = None
     batch_size: int|None = None           # per process
@@ -146,7 +149,7 @@ def validate(c: TrainConfig, check_files: bool = True) -> TrainConfig:
     _choice('similarity', c.similarity, ('cosine', 'dot')); _choice('optimizer', c.optimizer, ('adamw', 'adafactor'))
     _choice('schedule', c.schedule, ('constant', 'linear', 'cosine')); _choice('text_init', c.text_init, ('pretrained', 'random'))
     _choice('model_size', c.model_size, ('tiny', 'base')); _choice('precision', c.precision, ('auto', 'bf16', 'fp32'))
-    _choice('music_encoder', c.music_encoder, ('musicnn-msd', 'cnnsa'))
+    _choice('music_encoder', c.music_encoder, ('musicnn-msd', 'cnnsa')); _choice('pairing', c.pairing, PAIRINGS)
     if not (isinstance(c.alpha, (int, float)) and math.isfinite(c.alpha) and c.alpha >= 0): raise ValueError(f"parameter alpha={c.alpha!r}: must be a number >= 0")
     if c.method == 'alcap' and c.alpha == 0: raise ValueError("parameter alpha=0 with method='alcap': alpha = 0 is method 'bart-fusion'")
     if c.method != 'alcap' and c.alpha != 0: raise ValueError(f"parameter alpha={c.alpha} with method={c.method!r}: only 'alcap' has a contrastive term; pass alpha 0")
@@ -376,7 +379,7 @@ def _autocast(c: TrainConfig, device):
 # %% ../nbs/03_train.ipynb #3d7eb0d0
 STEP_FIELDS = ['step', 'epoch', 'loss', 'loss_cap', 'loss_contrast', 'lr', 'samples_per_s']
 EPOCH_FIELDS = ['epoch', 'step', 'train_loss', 'val_loss', 'val_loss_cap', 'val_loss_contrast', 'val_rouge1', 'val_rougeL',
-                'val_meteor', 'val_attribute_score', 'best', 'seconds']
+                'val_meteor', 'val_attribute_score', 'val_infonce_bound', 'best', 'seconds']
 
 class CsvLog:
     "A CSV log that can be cut back to a step (on resume) and appended to."
@@ -395,19 +398,23 @@ class CsvLog:
 # %% ../nbs/03_train.ipynb #2fd738a8
 @torch.no_grad()
 def validation_losses(model, dataset, collate, c: TrainConfig, device, batch_size: int = 32) -> dict:
-    "Token-weighted caption loss and batch-mean contrastive loss over a split."
+    "Token-weighted caption loss, batch-mean contrastive loss and its held-out bound log n - L (nats) over a split."
     model.eval()
-    tot = dict(cap=0.0, tokens=0, contrast=0.0, batches=0)
+    tot = dict(cap=0.0, tokens=0, contrast=0.0, batches=0, bound=0.0)
     sampler = LengthGroupedBatchSampler(dataset.lengths, batch_size, shuffle=False)
     for b in torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, generator=torch.Generator()):
         b = {k: v.to(device) for k, v in b.items()}
         n = int(b['labels'].ne(-100).sum())
         with _autocast(c, device): out = model(**b)
         tot['cap'] += float(out.loss_cap) * n; tot['tokens'] += n
-        if out.loss_contrast is not None: tot['contrast'] += float(out.loss_contrast); tot['batches'] += 1
+        if out.loss_contrast is not None:
+            tot['contrast'] += float(out.loss_contrast); tot['batches'] += 1
+            tot['bound'] += info_nce_log_n(b['song_ids'], model.config.contrast_duplicates) - float(out.loss_contrast)
     cap = tot['cap'] / max(1, tot['tokens'])
     con = tot['contrast'] / tot['batches'] if tot['batches'] else None
-    return dict(val_loss=cap + (c.alpha * con if con is not None else 0.0), val_loss_cap=cap, val_loss_contrast=con)
+    bound = tot['bound'] / tot['batches'] if tot['batches'] else None
+    return dict(val_loss=cap + (c.alpha * con if con is not None else 0.0), val_loss_cap=cap, val_loss_contrast=con,
+                val_infonce_bound=bound)
 
 def generation_scores(predictions, songs) -> dict:
     "ROUGE/METEOR of predictions against the songs' captions, and the demo attribute score."
@@ -561,7 +568,7 @@ def train(c: TrainConfig, command: str|None = None, progress: bool = True, log_e
     while state['epoch'] < c.epochs:
         epoch, t_epoch = state['epoch'], time.time()
         sampler.set_epoch(epoch, skip=state['batches_done'])
-        loader = train_loader(data['train'], sampler, collate, c, ctx.device)
+        loader = train_loader(pair_music(data['train'], c.pairing, c.seed, epoch), sampler, collate, c, ctx.device)
         model.train(); losses = []
         bar = tqdm(loader, desc=f'epoch {epoch + 1}/{c.epochs}', disable=not (progress and ctx.main), mininterval=2, file=sys.stderr)
         window = StepWindow(log_every)                 # its clock runs from here: starting the loader counts
