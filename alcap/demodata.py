@@ -483,7 +483,8 @@ def dataset_summary(songs, command: str, seed: int) -> str:
     out += ['', '## How much the lyrics say about the music', '',
             f"Exact, from the generator's distributions (generator version {DEMO_GENERATOR_VERSION}; `demo_music_lyrics_mi`): the",
             f"lyrics are made from the theme (H = log 8 = {mi['H(theme)']:.3f} nats), the music from tempo, drums, mode,",
-            'register, groove and instrument. The held-out InfoNCE bound log n - L of an alignment stays below these.', '',
+            'register, groove and instrument. Lyrics <- theme -> music attributes -> audio, so the mutual information of',
+            'lyrics and audio, and in expectation any held-out InfoNCE bound log n - L, stays below the first.', '',
             f"- I(theme; music attributes) = {mi['I(theme; music)']:.3f} nats",
             f"- I(theme; music attributes without the mode, which musicnn features barely show) = {mi['I(theme; music without mode)']:.3f} nats",
             f"- I(theme; instrument) = {mi['I(theme; instrument)']:.3f} nats: only the music tells the instrument"]
