@@ -18,10 +18,11 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from .core import atomic_write, hub_reachable
 
 # %% auto #0
-__all__ = ['SI_VARIANTS', 'SI_TEST_SIZE', 'BART_SPECIAL_TOKENS', 'Song', 'write_songs', 'load_songs', 'LyricsCommentData',
-           'SIUnpickler', 'load_si_pickle', 'load_si_json', 'load_si_csvs', 'check_si_sizes', 'reference_split',
-           'assign_reference_split', 'load_table', 'load_ncm_csv', 'train_bpe_tokenizer', 'get_tokenizer',
-           'bucket_length', 'SongDataset', 'Collator', 'LengthGroupedBatchSampler']
+__all__ = ['SI_VARIANTS', 'SI_TEST_SIZE', 'BART_SPECIAL_TOKENS', 'PAIRINGS', 'Song', 'write_songs', 'load_songs',
+           'LyricsCommentData', 'SIUnpickler', 'load_si_pickle', 'load_si_json', 'load_si_csvs', 'check_si_sizes',
+           'reference_split', 'assign_reference_split', 'load_table', 'load_ncm_csv', 'train_bpe_tokenizer',
+           'get_tokenizer', 'bucket_length', 'SongDataset', 'Collator', 'derangement', 'MusicRepaired', 'pair_music',
+           'LengthGroupedBatchSampler']
 
 # %% ../nbs/01_data.ipynb #c2e3f92b
 @dataclass
@@ -335,6 +336,42 @@ class Collator:
             h, m = torch.from_numpy(h), torch.from_numpy(m)
             batch.update(music_features=h, music_attention_mask=m)
         return batch
+
+# %% ../nbs/01_data.ipynb #79b24a68
+PAIRINGS = ('true', 'shuffled')
+
+def derangement(n: int, rng: np.random.Generator) -> np.ndarray:
+    "A uniformly random permutation of range(n) with no fixed point (rejection: about e draws on average)."
+    if n < 2: raise ValueError(f'a derangement needs at least 2 items, got {n}')
+    while True:
+        p = rng.permutation(n)
+        if (p != np.arange(n)).all(): return p
+
+class MusicRepaired(torch.utils.data.Dataset):
+    "A `SongDataset` whose item i has its own lyrics and caption but the music of item `music_of[i]`."
+    def __init__(self, base, music_of: Sequence[int]):
+        self.base, self.music_of = base, list(music_of)
+        self.songs, self.input_ids, self.labels, self.song_idx = base.songs, base.input_ids, base.labels, base.song_idx
+    def __len__(self): return len(self.base)
+    @property
+    def lengths(self) -> list[int]: return self.base.lengths
+    def __getitem__(self, i):
+        item, other = self.base[i], self.base[self.music_of[i]]
+        for k in ('h_m', 'music_len'):
+            if k in other: item[k] = other[k]
+        return item
+
+def pair_music(dataset, pairing: str = 'true', seed: int = 0, epoch: int = 0):
+    "The dataset with true music-lyrics pairs, or (`'shuffled'`) each song's lyrics with another song's music."
+    if pairing == 'true': return dataset
+    if pairing != 'shuffled': raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
+    first = {}  # one item per song: where its music is read
+    for i, k in enumerate(dataset.song_idx): first.setdefault(k, i)
+    perm = derangement(len(first), np.random.default_rng([seed, epoch, 4_2]))  # 4_2: this stream is Proposition 4.2's
+    songs = list(first)
+    other = {k: first[songs[j]] for k, j in zip(songs, perm)}
+    return MusicRepaired(dataset, [other[k] for k in dataset.song_idx])
+
 
 # %% ../nbs/01_data.ipynb #201a50de
 class LengthGroupedBatchSampler(torch.utils.data.Sampler):

@@ -21,19 +21,36 @@ from .music import FeatureCache, extract_features, get_encoder
 
 # %% auto #0
 __all__ = ['DEMO_SR', 'DEMO_SECONDS', 'DEMO_GENERATOR_VERSION', 'DEMO_INSTRUMENTS', 'DEMO_TEMPI', 'DEMO_THEMES',
-           'DEMO_SAD_THEMES', 'DEMO_MOODS', 'DEMO_ATTRIBUTE_WORDS', 'sample_demo_attributes', 'sample_performance',
-           'record', 'synth_audio', 'make_lyrics', 'make_caption', 'demo_song', 'demo_splits', 'make_demo',
-           'predictability', 'text_predictability', 'dependence_report', 'demo_attribute_hits', 'demo_scores',
-           'demo_data_cli', 'ensure_demo_data', 'dataset_summary', 'ensure_features']
+           'DEMO_SAD_THEMES', 'DEMO_MOODS', 'DEMO_MUSIC_VALUES', 'DEMO_THEME_MUSIC', 'DEMO_THEME_FIDELITY',
+           'DEMO_ATTRIBUTE_WORDS', 'DEMO_MUSIC_ATTRIBUTES', 'demo_music_probs', 'sample_demo_attributes',
+           'demo_attribute_joint', 'mutual_information', 'demo_music_lyrics_mi', 'sample_performance', 'record',
+           'synth_audio', 'make_lyrics', 'make_caption', 'demo_song', 'demo_splits', 'make_demo', 'predictability',
+           'text_predictability', 'dependence_report', 'demo_attribute_hits', 'demo_scores', 'demo_data_cli',
+           'ensure_demo_data', 'dataset_summary', 'ensure_features']
 
 # %% ../nbs/01b_demodata.ipynb #a96366c3
 DEMO_SR, DEMO_SECONDS = 16_000, 15.0
-DEMO_GENERATOR_VERSION = 2  # bump whenever the same seed would give other songs: stale folders are regenerated
+DEMO_GENERATOR_VERSION = 3  # bump whenever the same seed would give other songs: stale folders are regenerated
 DEMO_INSTRUMENTS = ('guitar', 'piano', 'strings', 'synth')
 DEMO_TEMPI = {'slow': (62, 80), 'medium': (92, 112), 'fast': (128, 152)}
 DEMO_THEMES = ('love', 'heartbreak', 'war', 'freedom', 'party', 'faith', 'loneliness', 'home')
 DEMO_SAD_THEMES = ('heartbreak', 'war', 'loneliness')
 DEMO_MOODS = {'major': 'happy', 'minor': 'sad'}
+# the music attributes a theme sets, and their values
+DEMO_MUSIC_VALUES = {'tempo': ('slow', 'medium', 'fast'), 'drums': (False, True), 'mode': ('major', 'minor'),
+                     'register': ('low', 'mid', 'high'), 'groove': ('sparse', 'busy')}
+# each theme's sound: any two themes differ in at least two attributes (sad themes are minor)
+DEMO_THEME_MUSIC = {
+    'love':       dict(tempo='medium', drums=False, mode='major', register='mid',  groove='sparse'),
+    'heartbreak': dict(tempo='slow',   drums=False, mode='minor', register='mid',  groove='sparse'),
+    'war':        dict(tempo='medium', drums=True,  mode='minor', register='low',  groove='busy'),
+    'freedom':    dict(tempo='fast',   drums=True,  mode='major', register='high', groove='sparse'),
+    'party':      dict(tempo='fast',   drums=True,  mode='major', register='mid',  groove='busy'),
+    'faith':      dict(tempo='slow',   drums=False, mode='major', register='high', groove='sparse'),
+    'loneliness': dict(tempo='slow',   drums=False, mode='minor', register='high', groove='busy'),
+    'home':       dict(tempo='medium', drums=True,  mode='major', register='low',  groove='sparse'),
+}
+DEMO_THEME_FIDELITY = 0.85  # P(a music attribute takes its theme's value); else one of the others, uniformly
 # words a caption uses for each attribute value: the attribute score of a generated caption looks for these
 DEMO_ATTRIBUTE_WORDS = {
     'instrument': {'guitar': ('guitar',), 'piano': ('piano',), 'strings': ('strings',), 'synth': ('synth',)},
@@ -42,18 +59,59 @@ DEMO_ATTRIBUTE_WORDS = {
     'theme': {t: (t,) for t in DEMO_THEMES},
 }
 
+def demo_music_probs(theme: str) -> dict[str, np.ndarray]:
+    "P(value | theme) of each music attribute, over the values in `DEMO_MUSIC_VALUES` (what the sampler draws from)."
+    out = {}
+    for attr, values in DEMO_MUSIC_VALUES.items():
+        typical = np.array([v == DEMO_THEME_MUSIC[theme][attr] for v in values])
+        out[attr] = np.where(typical, DEMO_THEME_FIDELITY, (1 - DEMO_THEME_FIDELITY) / (len(values) - 1))
+    return out
+
 def sample_demo_attributes(rng: np.random.Generator) -> dict:
-    "Draw one song's hidden attributes: theme first, then music that leans on it."
+    "Draw one song's hidden attributes: the theme, the music it sets, and an instrument independent of both."
     theme = DEMO_THEMES[rng.integers(len(DEMO_THEMES))]
-    sad = theme in DEMO_SAD_THEMES
-    mode = 'minor' if rng.random() < (0.75 if sad else 0.25) else 'major'
-    p_tempo = (0.6, 0.3, 0.1) if sad else (0.1, 0.3, 0.6) if theme == 'party' else (0.25, 0.45, 0.3)
-    tempo = ('slow', 'medium', 'fast')[rng.choice(3, p=p_tempo)]
-    lo, hi = DEMO_TEMPI[tempo]
+    music = {attr: DEMO_MUSIC_VALUES[attr][rng.choice(len(p), p=p)] for attr, p in demo_music_probs(theme).items()}
     instrument = DEMO_INSTRUMENTS[rng.integers(len(DEMO_INSTRUMENTS))]
-    drums = bool(rng.random() < {'slow': 0.25, 'medium': 0.5, 'fast': 0.8}[tempo])
-    return dict(theme=theme, mode=mode, mood=DEMO_MOODS[mode], tempo=tempo, bpm=int(rng.integers(lo, hi + 1)),
-                instrument=instrument, style=instrument, drums=drums, root=int(rng.integers(45, 57)))
+    lo, hi = DEMO_TEMPI[music['tempo']]
+    return dict(theme=theme, **music, mood=DEMO_MOODS[music['mode']], bpm=int(rng.integers(lo, hi + 1)),
+                instrument=instrument, style=instrument, root=int(rng.integers(45, 57)))
+
+
+# %% ../nbs/01b_demodata.ipynb #03a84501
+def demo_attribute_joint() -> pd.DataFrame:
+    "Every combination of theme, instrument and music attributes with its probability under `sample_demo_attributes`."
+    rows = []
+    for theme in DEMO_THEMES:
+        probs = demo_music_probs(theme)
+        for instrument in DEMO_INSTRUMENTS:
+            for idx in np.ndindex(*(len(v) for v in DEMO_MUSIC_VALUES.values())):
+                p = 1 / len(DEMO_THEMES) / len(DEMO_INSTRUMENTS)
+                music = {}
+                for (attr, values), k in zip(DEMO_MUSIC_VALUES.items(), idx):
+                    p *= probs[attr][k]
+                    music[attr] = values[k]
+                rows.append(dict(theme=theme, instrument=instrument, **music, p=p))
+    return pd.DataFrame(rows)
+
+def mutual_information(joint: pd.DataFrame, a: Sequence[str], b: Sequence[str]) -> float:
+    "I(a; b) in nats from a table of outcomes with probabilities in column `p` (a sample's counts work too)."
+    p = joint.groupby(list(a) + list(b), sort=False)['p'].sum()
+    p = p[p > 0] / p.sum()
+    pa = p.groupby(level=list(range(len(a)))).transform('sum')
+    pb = p.groupby(level=list(range(len(a), len(a) + len(b)))).transform('sum')
+    return float((p * np.log(p / (pa * pb))).sum())
+
+DEMO_MUSIC_ATTRIBUTES = ('tempo', 'drums', 'mode', 'register', 'groove', 'instrument')
+
+def demo_music_lyrics_mi() -> dict[str, float]:
+    "Exact mutual informations (nats) between the lyrics' attribute (the theme) and the music's attributes."
+    j = demo_attribute_joint()
+    audible = [m for m in DEMO_MUSIC_ATTRIBUTES if m != 'mode']
+    return {'I(theme; music)': mutual_information(j, ['theme'], DEMO_MUSIC_ATTRIBUTES),
+            'I(theme; music without mode)': mutual_information(j, ['theme'], audible),
+            'I(theme; instrument)': mutual_information(j, ['theme'], ['instrument']),
+            'H(theme)': float(np.log(len(DEMO_THEMES)))}
+
 
 # %% ../nbs/01b_demodata.ipynb #24cad8c3
 _SCALES = {'major': (0, 2, 4, 5, 7, 9, 11), 'minor': (0, 2, 3, 5, 7, 8, 10)}
@@ -91,10 +149,15 @@ def _env(t, attack, release, dur):
     "Linear attack, hold, linear release."
     return np.clip(t / attack, 0, 1) * np.clip((dur - t) / release, 0, 1)
 
-def sample_performance(rng: np.random.Generator) -> dict:
-    "How one song's instrument is played: pattern (0 or 1), register shift and timbre settings."
-    return dict(pattern=int(rng.integers(2)), shift=int(rng.choice((-12, 0, 12))), decay=rng.uniform(2.5, 6.0),
-                bright=rng.uniform(0.5, 1.1), piano_decay=rng.uniform(0.9, 1.8), piano_tilt=rng.uniform(1.0, 1.6),
+_REGISTER_SHIFT = {'low': -12, 'mid': 0, 'high': 12}
+_BUSY_PATTERN = {'guitar': 0, 'piano': 1, 'strings': 1, 'synth': 0}  # the pattern with eighth-note motion
+
+def sample_performance(rng: np.random.Generator, a: dict) -> dict:
+    "How song `a`'s instrument is played: pattern (0 or 1, from its groove), register shift, random timbre settings."
+    busy = _BUSY_PATTERN[a['instrument']]
+    return dict(pattern=busy if a['groove'] == 'busy' else 1 - busy, shift=_REGISTER_SHIFT[a['register']],
+                decay=rng.uniform(2.5, 6.0), bright=rng.uniform(0.5, 1.1), piano_decay=rng.uniform(0.9, 1.8),
+                piano_tilt=rng.uniform(1.0, 1.6),
                 vibrato=rng.uniform(0.003, 0.01), detune=rng.uniform(0.002, 0.007), duty=rng.uniform(0.3, 0.5))
 
 def _play_instrument(buf, a, beat, rng, p):
@@ -190,7 +253,7 @@ def synth_audio(a: dict, rng: np.random.Generator, seconds: float = DEMO_SECONDS
     "Synthesise a song's audio (mono float32 at 16 kHz) from its attributes, with a random performance and recording."
     buf = np.zeros(int(seconds * DEMO_SR))
     beat = 60.0 / a['bpm']
-    _play_instrument(buf, a, beat, rng, sample_performance(rng))
+    _play_instrument(buf, a, beat, rng, sample_performance(rng, a))
     if a['drums']: _play_drums(buf, beat, rng)
     buf = record(buf, rng) + 1e-3 * rng.standard_normal(len(buf))  # and a noise floor
     return (0.89 * buf / np.abs(buf).max()).astype(np.float32)
@@ -457,13 +520,28 @@ def ensure_demo_data(folder, n: int = 800, seed: int = 0, regenerate: bool = Fal
 
 # %% ../nbs/01b_demodata.ipynb #f4ac8fad
 def dataset_summary(songs, command: str, seed: int) -> str:
-    "Markdown summary of a demo dataset: splits, attribute counts, dependence table, provenance."
+    "Markdown summary of a demo dataset: splits, attributes, exact music-lyrics information, dependence, provenance."
     splits = Counter(s.split for s in songs)
-    attrs = {a: Counter(str(s.meta[a]) for s in songs) for a in ('theme', 'instrument', 'tempo', 'mood', 'drums')}
+    names = ('theme', 'instrument', 'tempo', 'mood', 'drums', 'register', 'groove')
+    attrs = {a: Counter(str(s.meta[a]) for s in songs) for a in names}
     rep = dependence_report(songs)
     out = ['# Demo dataset', '', f"{len(songs)} songs: " + ', '.join(f'{k} {v}' for k, v in sorted(splits.items())), '']
     out += [f"- {a}: " + ', '.join(f'{k} {v}' for k, v in sorted(c.items())) for a, c in attrs.items()]
+    mi = demo_music_lyrics_mi()
     out += [
+        '',
+        '## How much the lyrics say about the music',
+        '',
+        f"Exact, from the generator's distributions (generator version {DEMO_GENERATOR_VERSION}; "
+        "`demo_music_lyrics_mi`): the",
+        f"lyrics are made from the theme (H = log 8 = {mi['H(theme)']:.3f} nats), the music from tempo, drums, mode,",
+        'register, groove and instrument. Lyrics <- theme -> music attributes -> audio, so the mutual information of',
+        'lyrics and audio, and in expectation any held-out InfoNCE bound log n - L, stays below the first.',
+        '',
+        f"- I(theme; music attributes) = {mi['I(theme; music)']:.3f} nats",
+        "- I(theme; music attributes without the mode, which musicnn features barely show) = "
+        f"{mi['I(theme; music without mode)']:.3f} nats",
+        f"- I(theme; instrument) = {mi['I(theme; instrument)']:.3f} nats: only the music tells the instrument",
         '',
         '## How well each hidden attribute can be predicted',
         '',
@@ -482,6 +560,7 @@ def dataset_summary(songs, command: str, seed: int) -> str:
         ),
     ]
     return '\n'.join(out) + '\n'
+
 
 # %% ../nbs/01b_demodata.ipynb #7998e27f
 def ensure_features(songs, folder, encoder: str = 'musicnn-msd'):

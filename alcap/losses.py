@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['SIMILARITIES', 'masked_mean', 'info_nce_logits', 'first_occurrence', 'gather_with_grad', 'InfoNCE',
-           'info_nce_by_loop', 'identity_nce']
+           'info_nce_by_loop', 'identity_nce', 'info_nce_log_n']
 
 # %% ../nbs/02_losses.ipynb #a01f09da
 import math
@@ -112,3 +112,12 @@ def identity_nce(d: int, **kw) -> InfoNCE:
             p.weight.copy_(torch.eye(d))
             p.bias.zero_()
     return m
+
+# %% ../nbs/02_losses.ipynb #82294008
+def info_nce_log_n(song_ids, duplicates: str = 'drop', n: int|None = None) -> float:
+    "log(number of candidates) that InfoNCE's loss on this batch is a bound below: log n - L_contrast <= I(m; t)."
+    if song_ids is None: return math.log(n)
+    copies = (song_ids[:, None] == song_ids[None, :]).sum(1).double()
+    if duplicates == 'drop': return math.log(int(first_occurrence(song_ids).sum()))
+    return float(torch.log(len(song_ids) - copies + 1).mean())
+

@@ -24,7 +24,8 @@ METHODS = ('bart', 'bart-fusion', 'alcap')
 def check_alpha(method: str, alpha: float, name: str = 'alpha'):
     "The rule tying alpha to the method: only 'alcap' has a contrastive term, so it needs alpha > 0 and the others 0."
     if method == 'alcap' and not alpha > 0:
-        raise ValueError(f"{name}={alpha} with method='alcap': method 'alcap' needs alpha > 0; alpha = 0 is 'bart-fusion'")
+        raise ValueError(f"{name}={alpha} with method='alcap': method 'alcap' needs alpha > 0; "
+                         "alpha = 0 is 'bart-fusion'")
     if method != 'alcap' and alpha != 0:
         raise ValueError(f"{name}={alpha} with method={method!r}: only 'alcap' has a contrastive term; "
                          "pass alpha 0 or use method='alcap'")

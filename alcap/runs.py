@@ -39,7 +39,7 @@ def run_training_notebook(out: Path, parameters: dict) -> Path:
 
 # %% ../nbs/03b_runs.ipynb #3ead31b9
 def run_grid(runs: dict, data, workers: int = 1) -> dict:
-    "Train `runs` ({run folder: notebook parameters}) not yet finished on `data`, `workers` at a time; returns failures."
+    "Train the `runs` ({folder: notebook parameters}) not finished on `data`, `workers` at a time; returns failures."
     todo = {Path(out): params for out, params in runs.items() if not finished_run(out, data)}
     failures = {}
     if workers <= 1:

@@ -17,13 +17,14 @@ from transformers import AutoConfig
 from transformers.optimization import Adafactor
 
 from .core import atomic_write, hardware, hub_reachable, parse_value, user_errors
-from .data import (SI_VARIANTS, Collator, LengthGroupedBatchSampler, Song, SongDataset, check_si_sizes,
-                        get_tokenizer, load_ncm_csv, load_si_csvs, load_songs)
+from .data import (PAIRINGS, SI_VARIANTS, Collator, LengthGroupedBatchSampler, Song, SongDataset, check_si_sizes,
+                        get_tokenizer, load_ncm_csv, load_si_csvs, load_songs, pair_music)
 from .music import ENCODERS, FeatureCache
 from .demodata import demo_scores, ensure_demo_data
 from .demodata import ensure_features as ensure_demo_features
 from .losses import SIMILARITIES
 from .model import METHODS, AlcapForConditionalGeneration, bart_base_config, check_alpha, tiny_bart_config
+from .losses import info_nce_log_n
 from .metrics import compute_metrics
 
 # %% auto #0
@@ -71,6 +72,8 @@ class TrainConfig:
     similarity: str = 'cosine'            # 'cosine' (original code) or 'dot' (eq. 1)
     symmetric: bool = False               # also the lyrics-anchored InfoNCE direction
     proj_dim: int = 256                   # width of z_m, z_t
+    pairing: str = 'true'                 # 'true' pairs, or 'shuffled': each training song's lyrics and caption with
+                                          # another song's music, a seeded derangement per epoch (validation stays true)
     seed: int = 0
     epochs: int|None = None
     batch_size: int|None = None           # per process
@@ -160,7 +163,7 @@ def _check_choices(c: TrainConfig):
     "Each named choice is one its home allows (methods: alcap.model, similarities: alcap.losses, ...)."
     for name, options in dict(dataset=DATASETS, method=METHODS, similarity=SIMILARITIES, optimizer=OPTIMIZERS,
                               schedule=SCHEDULES, text_init=TEXT_INITS, model_size=MODEL_SIZES,
-                              precision=PRECISIONS, music_encoder=ENCODERS).items():
+                              precision=PRECISIONS, music_encoder=ENCODERS, pairing=PAIRINGS).items():
         _choice(name, getattr(c, name), options)
     if not (isinstance(c.alpha, (int, float)) and math.isfinite(c.alpha) and c.alpha >= 0):
         raise ValueError(f"parameter alpha={c.alpha!r}: must be a number >= 0")
@@ -415,7 +418,7 @@ def _autocast(c: TrainConfig, device):
 # %% ../nbs/03_train.ipynb #7d91e147
 STEP_FIELDS = ['step', 'epoch', 'loss', 'loss_cap', 'loss_contrast', 'lr', 'samples_per_s']
 EPOCH_FIELDS = ['epoch', 'step', 'train_loss', 'val_loss', 'val_loss_cap', 'val_loss_contrast', 'val_rouge1',
-                'val_rougeL', 'val_meteor', 'val_attribute_score', 'best', 'seconds']
+                'val_rougeL', 'val_meteor', 'val_attribute_score', 'val_infonce_bound', 'best', 'seconds']
 
 class CsvLog:
     "A CSV log that can be cut back to a step (on resume) and appended to."
@@ -639,7 +642,8 @@ def train_epoch(run: Run, progress: bool = True, log_every: int = 1) -> list[flo
     c, ctx, state = run.c, run.ctx, run.state
     epoch = state['epoch']
     run.sampler.set_epoch(epoch, skip=state['batches_done'])
-    loader = train_loader(run.data['train'], run.sampler, run.collate, c, ctx.device)
+    loader = train_loader(pair_music(run.data['train'], c.pairing, c.seed, epoch), run.sampler, run.collate, c,
+                          ctx.device)
     run.model.train()
     losses = []
     bar = tqdm(loader, desc=f'epoch {epoch + 1}/{c.epochs}', disable=not (progress and ctx.main), mininterval=2,
@@ -674,9 +678,9 @@ def train_epoch(run: Run, progress: bool = True, log_every: int = 1) -> list[flo
 # %% ../nbs/03_train.ipynb #3eb6a94d
 @torch.no_grad()
 def validation_losses(model, dataset, collate, c: TrainConfig, device, batch_size: int = 32) -> dict:
-    "Token-weighted caption loss and batch-mean contrastive loss over a split."
+    "Token-weighted caption loss, batch-mean contrastive loss and its held-out bound log n - L (nats) over a split."
     model.eval()
-    tot = dict(cap=0.0, tokens=0, contrast=0.0, batches=0)
+    tot = dict(cap=0.0, tokens=0, contrast=0.0, batches=0, bound=0.0)
     sampler = LengthGroupedBatchSampler(dataset.lengths, batch_size, shuffle=False)
     for b in torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
                                          generator=torch.Generator()):
@@ -688,9 +692,12 @@ def validation_losses(model, dataset, collate, c: TrainConfig, device, batch_siz
         if out.loss_contrast is not None:
             tot['contrast'] += float(out.loss_contrast)
             tot['batches'] += 1
+            tot['bound'] += info_nce_log_n(b['song_ids'], model.config.contrast_duplicates) - float(out.loss_contrast)
     cap = tot['cap'] / max(1, tot['tokens'])
     con = tot['contrast'] / tot['batches'] if tot['batches'] else None
-    return dict(val_loss=cap + (c.alpha * con if con is not None else 0.0), val_loss_cap=cap, val_loss_contrast=con)
+    bound = tot['bound'] / tot['batches'] if tot['batches'] else None
+    return dict(val_loss=cap + (c.alpha * con if con is not None else 0.0), val_loss_cap=cap, val_loss_contrast=con,
+                val_infonce_bound=bound)
 
 def generation_scores(predictions, songs) -> dict:
     "ROUGE/METEOR of predictions against the songs' captions, and the demo attribute score."

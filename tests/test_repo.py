@@ -101,8 +101,7 @@ def test_imports_inside_functions_say_why():
     assert not bare, '\n'.join(bare)
 
 
-# TODO(lead): remove 'train' once nbs/03_train.ipynb's lines are wrapped (issue #10, the other helper's branch)
-DENSE_LINES_PENDING = {'train'}
+DENSE_LINES_PENDING = set()
 
 
 def dense_lines(path: Path) -> list[str]:
