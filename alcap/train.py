@@ -26,12 +26,13 @@ from .model import METHODS, AlcapForConditionalGeneration, bart_base_config, tin
 from .metrics import compute_metrics
 
 # %% auto #0
-__all__ = ['DATASETS', 'PRESETS', 'BEST_METRICS', 'GENERATION_PARAMS', 'STEP_FIELDS', 'EPOCH_FIELDS', 'TrainConfig', 'validate',
-           'Dist', 'setup_distributed', 'seed_everything', 'load_dataset_songs', 'ensure_features', 'fusion_layers',
-           'build_model', 'build_optimizer', 'save_torch', 'save_checkpoint', 'load_checkpoint', 'generation_kwargs',
-           'generation_settings', 'generate_captions', 'CsvLog', 'validation_losses', 'generation_scores',
-           'run_tokenizer', 'write_captions', 'data_manifest', 'same_data', 'default_num_workers', 'train_loader',
-           'train_step', 'StepWindow', 'train', 'finish_run', 'inference_settings', 'train_cli']
+__all__ = ['DATASETS', 'PRESETS', 'RECIPES', 'RECIPE_OPTIONS', 'BEST_METRICS', 'GENERATION_PARAMS', 'STEP_FIELDS', 'EPOCH_FIELDS',
+           'TrainConfig', 'validate', 'Dist', 'setup_distributed', 'seed_everything', 'load_dataset_songs',
+           'ensure_features', 'fusion_layers', 'build_model', 'build_optimizer', 'train_sampler', 'recipe_batch',
+           'save_torch', 'save_checkpoint', 'load_checkpoint', 'generation_kwargs', 'generation_settings',
+           'generate_captions', 'CsvLog', 'validation_losses', 'generation_scores', 'run_tokenizer', 'write_captions',
+           'data_manifest', 'same_data', 'default_num_workers', 'train_loader', 'contrast_weight', 'train_step',
+           'StepWindow', 'train', 'finish_run', 'inference_settings', 'train_cli']
 
 # %% ../nbs/03_train.ipynb #51513b9e
 DATASETS = ('demo', 'si-full', 'si-votes-ge0', 'si-votes-gt0', 'ncm', 'jsonl')
@@ -41,7 +42,7 @@ PRESETS = {
     'demo': dict(text_init='random', model_size='tiny', epochs=8, batch_size=8, lr=1e-3, warmup_steps=50, schedule='linear',
                  max_source_len=128, max_target_len=128, num_beams=4, max_new_tokens=128, eval_every=1, val_generate_n=8, vocab_size=3000,
                  fusion_scale=0.1, do_sample=False, top_p=0.92),
-    # the paper: pretrained bart-base, batch 26, lr 5e-5, 20 epochs, 512 tokens; generation as the authors' model.py:
+    # the paper's sizes: pretrained bart-base, batch 26, lr 5e-5, 20 epochs, 512 tokens; generation as the authors' model.py:
     # generate(max_length=512, early_stopping=True, do_sample=True, num_beams=4, top_p=0.92), num_beams from run_eval.py
     'si': dict(text_init='pretrained', model_size='base', epochs=20, batch_size=26, lr=5e-5, warmup_steps=0, schedule='constant',
                max_source_len=512, max_target_len=512, num_beams=4, max_length=512, early_stopping=True, do_sample=True,
@@ -49,30 +50,50 @@ PRESETS = {
                eval_every=1, val_generate_n=200, vocab_size=None, fusion_scale=0.1),
 }
 
+# every training choice where the authors' code and ours differ (the table above says which and why); a parameter
+# left at None takes its recipe's value, and the recipe's wins over the dataset preset's
+RECIPES = {
+    'ours': dict(fusion_shared=False, optimizer='adamw', weight_decay=0.01, grad_clip=1.0, caption_loss='tokens',
+                 text_pool='tokens', alpha_scale='positions', proj_dim=256, batching='length', precision='auto',
+                 best_metric='val_loss_cap'),
+    'original': dict(fusion_shared=True, optimizer='adafactor-hf', weight_decay=0.0, grad_clip=0.0, caption_loss='positions',
+                     text_pool='positions', alpha_scale='positions', proj_dim=0, batching='shuffle', precision='fp32',
+                     schedule='constant', warmup_steps=0, best_metric='val_loss_cap'),
+}
+# the values each recipe choice can take
+RECIPE_OPTIONS = dict(optimizer=('adamw', 'adafactor', 'adafactor-hf'), caption_loss=('tokens', 'positions'),
+                      text_pool=('tokens', 'positions'), alpha_scale=('positions', 'none'), batching=('length', 'shuffle'),
+                      precision=('auto', 'bf16', 'fp32'))
+
+
 # %% ../nbs/03_train.ipynb #f0e063f0
 @dataclass
 class TrainConfig:
-    "Every parameter of a training run (None: the dataset preset's value)."
+    "Every parameter of a training run (None: the recipe's value, else the dataset preset's)."
     dataset: str = 'demo'                 # 'demo', 'si-full', 'si-votes-ge0', 'si-votes-gt0', 'ncm' (an NCM-style CSV),
                                           # or 'jsonl' (any folder with metadata.jsonl)
     data_dir: str|None = None             # None: data/demo for the demo (generated if absent)
     csv_name: str|None = None             # SI: df_{csv_name}_{train,val}.csv (None: the authors'); ncm: {csv_name}.csv
     demo_n: int|None = None               # demo only: its number of songs (None: what data_dir holds, else 800)
     method: str = 'alcap'                 # 'bart' (lyrics only), 'bart-fusion' (alpha = 0), 'alcap'
-    alpha: float = 0.02                   # weight of L_contrast (must be 0 for bart and bart-fusion)
+    alpha: float = 0.02                   # weight of L_contrast (must be 0 for bart and bart-fusion), as in the paper
+    recipe: str = 'ours'                  # 'ours' or 'original' (the authors' code): sets every None below marked (R)
+    alpha_scale: str|None = None          # (R) 'positions': alpha weighs L_contrast as the original's pad-inclusive mean
+                                          # did (x n_label_positions / n_label_tokens, see "Alpha"); 'none': alpha as is
     tau: float = 0.3                      # InfoNCE temperature
     similarity: str = 'cosine'            # 'cosine' (original code) or 'dot' (eq. 1)
     symmetric: bool = False               # also the lyrics-anchored InfoNCE direction
-    proj_dim: int = 256                   # width of z_m, z_t
+    proj_dim: int|None = None             # (R) width of z_m, z_t; 0: text projected to d_m, music raw (the original)
     seed: int = 0
     epochs: int|None = None
     batch_size: int|None = None           # per process
     lr: float|None = None
-    optimizer: str = 'adamw'              # 'adamw' (fused on GPU) or 'adafactor' (as the original)
+    optimizer: str|None = None            # (R) 'adamw' (fused on GPU), 'adafactor' (scale_parameter=False) or
+                                          # 'adafactor-hf' (transformers' defaults, as the original)
     schedule: str|None = None             # 'constant', 'linear' or 'cosine' decay after warm-up
     warmup_steps: int|None = None
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
+    weight_decay: float|None = None       # (R)
+    grad_clip: float|None = None          # (R) max gradient norm; 0: no clipping
     text_model: str = 'facebook/bart-base'  # hub name or local folder of a BART checkpoint (and its tokenizer)
     text_init: str|None = None            # 'pretrained' (from text_model) or 'random'
     model_size: str|None = None           # random init only: 'tiny' or 'base' (bart-base sized)
@@ -82,11 +103,18 @@ class TrainConfig:
     features_dir: str|None = None         # None: <data_dir>/features/<music_encoder> (extracted for the demo if absent)
     fusion: str = 'auto'                  # 'auto' (last two encoder layers: [4, 5] for bart-base), '4,5', or 'after_encoder'
     fusion_scale: float|None = None       # h = LayerNorm(h + fusion_scale * attn); 0.1 as the original code (SI preset)
+    fusion_shared: bool|None = None       # (R) one cross-attention for every fusion layer (the original) or one each
+    caption_loss: str|None = None         # (R) L_cap's mean: 'tokens' (real label tokens) or 'positions' (the
+                                          # original: all max_target_len label positions, pads included)
+    text_pool: str|None = None            # (R) h_t's mean: 'tokens' (real lyrics tokens) or 'positions' (the original:
+                                          # lyrics padded to max_source_len, pads in the mean)
+    batching: str|None = None             # (R) 'length' (length-grouped batches) or 'shuffle' (uniform, the original)
     max_source_len: int|None = None
     max_target_len: int|None = None
-    precision: str = 'auto'               # 'auto' (bf16 autocast on GPU, fp32 on CPU), 'bf16' (autocast on any device) or 'fp32'
+    precision: str|None = None            # (R) 'auto' (bf16 autocast on GPU, fp32 on CPU), 'bf16' (autocast anywhere), 'fp32'
     eval_every: int|None = None           # validate every N epochs
-    best_metric: str = 'val_loss'         # 'val_loss' (lower is better) or a generation metric on validation: 'rougeL', 'meteor', ...
+    best_metric: str|None = None          # (R) a validation column: 'val_loss_cap' (lower is better, both recipes),
+                                          # 'val_loss', or a generation metric: 'rougeL', 'meteor', ...
     val_generate_n: int|None = None       # validation songs captioned at each validation (0: none) for generation metrics
     # generation: None takes the preset's value, else the checkpoint's generation_config (see generation_kwargs)
     num_beams: int|None = None
@@ -108,9 +136,9 @@ class TrainConfig:
     def preset(self) -> str: return 'demo' if self.dataset in ('demo', 'jsonl') else 'si'
 
     def resolve(self) -> 'TrainConfig':
-        "A copy with every `None` knob set from the dataset preset."
+        "A copy with every `None` knob set from the recipe, then from the dataset preset."
         c = dataclasses.replace(self)
-        for k, v in PRESETS.get(c.preset, {}).items():
+        for k, v in {**PRESETS.get(c.preset, {}), **RECIPES.get(c.recipe, {})}.items():
             if getattr(c, k) is None: setattr(c, k, v)
         if c.data_dir is None and c.dataset == 'demo': c.data_dir = 'data/demo' if c.demo_n in (None, 800) else f'data/demo-{c.demo_n}'
         if c.features_dir is None and c.data_dir is not None: c.features_dir = str(Path(c.data_dir)/'features'/c.music_encoder)
@@ -141,11 +169,15 @@ def _check_types(c: TrainConfig):
 
 def validate(c: TrainConfig, check_files: bool = True) -> TrainConfig:
     "Check a resolved config; raise `ValueError` naming the first bad parameter."
+    _choice('recipe', c.recipe, tuple(RECIPES))   # an unknown recipe leaves its knobs None: name it, not them
     _check_types(c)
+    for k, options in RECIPE_OPTIONS.items(): _choice(k, getattr(c, k), options)
     _choice('dataset', c.dataset, DATASETS); _choice('method', c.method, METHODS)
-    _choice('similarity', c.similarity, ('cosine', 'dot')); _choice('optimizer', c.optimizer, ('adamw', 'adafactor'))
+    _choice('similarity', c.similarity, ('cosine', 'dot'))
     _choice('schedule', c.schedule, ('constant', 'linear', 'cosine')); _choice('text_init', c.text_init, ('pretrained', 'random'))
-    _choice('model_size', c.model_size, ('tiny', 'base')); _choice('precision', c.precision, ('auto', 'bf16', 'fp32'))
+    _choice('model_size', c.model_size, ('tiny', 'base'))
+    for k in ('weight_decay', 'grad_clip', 'proj_dim'):
+        if not getattr(c, k) >= 0: raise ValueError(f"parameter {k}={getattr(c, k)!r}: must be >= 0")
     _choice('music_encoder', c.music_encoder, ('musicnn-msd', 'cnnsa'))
     if not (isinstance(c.alpha, (int, float)) and math.isfinite(c.alpha) and c.alpha >= 0): raise ValueError(f"parameter alpha={c.alpha!r}: must be a number >= 0")
     if c.method == 'alcap' and c.alpha == 0: raise ValueError("parameter alpha=0 with method='alcap': alpha = 0 is method 'bart-fusion'")
@@ -273,7 +305,8 @@ def build_model(c: TrainConfig, tokenizer, d_music: int|None):
                    decoder_start_token_id=tokenizer.eos_token_id, forced_bos_token_id=tokenizer.bos_token_id)
     n_layers = _encoder_layers(c.text_model) if c.text_init == 'pretrained' else 6 if c.model_size == 'base' else 4
     opts = dict(alpha=c.alpha, contrast_tau=c.tau, contrast_similarity=c.similarity, contrast_symmetric=c.symmetric,
-                contrast_proj_dim=c.proj_dim, fusion_scale=c.fusion_scale)
+                contrast_proj_dim=c.proj_dim or None, fusion_scale=c.fusion_scale, fusion_shared=c.fusion_shared,
+                contrast_text_pads=c.text_pool == 'positions')
     if c.method != 'bart': opts.update(d_music=d_music, fusion_layers=fusion_layers(c, n_layers))
     if c.text_init == 'pretrained': return AlcapForConditionalGeneration.from_bart(c.text_model, method=c.method, **opts)
     # from scratch, BART's unscaled embeddings let the encoder collapse to one vector for every input within ~50 steps
@@ -285,11 +318,13 @@ def build_model(c: TrainConfig, tokenizer, d_music: int|None):
 
 # %% ../nbs/03_train.ipynb #52e94baa
 def build_optimizer(c: TrainConfig, model, total_steps: int):
-    "AdamW (fused on GPU) or Adafactor, and a schedule with linear warm-up."
+    "AdamW (fused on GPU) or Adafactor (ours or transformers' defaults), and a schedule with linear warm-up."
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
     groups = [dict(params=decay, weight_decay=c.weight_decay), dict(params=no_decay, weight_decay=0.0)]
-    if c.optimizer == 'adafactor':
+    if c.optimizer == 'adafactor-hf':   # the original's call: a fixed lr, every other setting transformers' default
+        opt = Adafactor(groups, lr=c.lr, relative_step=False, warmup_init=False)
+    elif c.optimizer == 'adafactor':    # scale_parameter=False: the step is lr-sized, not lr x RMS(parameter)
         opt = Adafactor(groups, lr=c.lr, scale_parameter=False, relative_step=False, warmup_init=False)
     else:
         opt = torch.optim.AdamW(groups, lr=c.lr, fused=next(model.parameters()).is_cuda)
@@ -300,21 +335,50 @@ def build_optimizer(c: TrainConfig, model, total_steps: int):
         return 1 - frac if c.schedule == 'linear' else 0.5 * (1 + math.cos(math.pi * frac))
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
+# %% ../nbs/03_train.ipynb #b7d2e002
+def train_sampler(c: TrainConfig, lengths, ctx: Dist) -> LengthGroupedBatchSampler:
+    "The training batches: length-grouped (`batching='length'`) or uniformly shuffled ('shuffle'), sharded over processes."
+    mult = 16 if c.batching == 'length' else 1   # 1: each mega-batch is one batch, sorted only inside itself
+    return LengthGroupedBatchSampler(lengths, c.batch_size, shuffle=True, seed=c.seed, mega_batch_mult=mult,
+                                     num_replicas=ctx.world, rank=ctx.rank)
+
+def recipe_batch(batch: dict, c: TrainConfig, pad_token_id: int, labels: bool = True) -> dict:
+    "`batch` padded as the original code pads it where `c` asks (labels only when `labels`); else unchanged."
+    b = dict(batch)
+    if labels and c.caption_loss == 'positions':   # pad ids count in the loss: every position is a label
+        y = b['labels'][:, :c.max_target_len]
+        y = y.masked_fill(y == -100, pad_token_id)
+        b['labels'] = torch.nn.functional.pad(y, (0, c.max_target_len - y.shape[1]), value=pad_token_id)
+    if c.text_pool == 'positions' and c.method == 'alcap':   # the pad-inclusive mean divides by max_source_len
+        extra = c.max_source_len - b['input_ids'].shape[1]
+        b['input_ids'] = torch.nn.functional.pad(b['input_ids'], (0, extra), value=pad_token_id)
+        b['attention_mask'] = torch.nn.functional.pad(b['attention_mask'], (0, extra), value=0)
+    return b
+
 # %% ../nbs/03_train.ipynb #2b8ba843
 def save_torch(path, obj):
     "`torch.save` through `atomic_write`: readers see the old file or the new one."
     buf = io.BytesIO(); torch.save(obj, buf)
     atomic_write(path, buf.getvalue())
 
-def save_checkpoint(path, model, opt, sched, state: dict):
-    "Write a resumable checkpoint atomically."
-    # the loop draws random numbers only from torch (dropout); the sampler is seeded by (seed, epoch)
+def _rng_state() -> dict:
+    "This process's RNG states: the loop draws random numbers only from torch (dropout); the sampler is seeded."
     rng = dict(torch=torch.get_rng_state())
     if torch.cuda.is_available(): rng['cuda'] = torch.cuda.get_rng_state()
-    save_torch(path, dict(model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(), state=state, rng=rng))
+    return rng
 
-def load_checkpoint(path, model, opt=None, sched=None) -> dict:
-    "Restore a checkpoint written by `save_checkpoint` (RNG states included); returns its trainer state."
+def save_checkpoint(path, model, opt, sched, state: dict, ctx: Dist|None = None):
+    "Write a resumable checkpoint atomically; under several processes every one calls it (each gives its RNG state)."
+    ranks = [_rng_state()]
+    if ctx is not None and ctx.world > 1:   # each process drops out its own units: all their states are kept
+        ranks = [None] * ctx.world
+        dist.all_gather_object(ranks, _rng_state())
+    if ctx is None or ctx.main:
+        save_torch(path, dict(model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
+                              state=state, rng=ranks[0], rng_ranks=ranks))
+
+def load_checkpoint(path, model, opt=None, sched=None, rank: int|None = None) -> dict:
+    "Restore a checkpoint written by `save_checkpoint` (this process's RNG states included); returns its trainer state."
     try: ck = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # truncated, not a zip, not a torch file: all say the same to the user
         why = (str(e).strip().splitlines() or [''])[0][:200]
@@ -323,8 +387,11 @@ def load_checkpoint(path, model, opt=None, sched=None) -> dict:
     model.load_state_dict(ck['model'])
     if opt is not None: opt.load_state_dict(ck['optimizer'])
     if sched is not None: sched.load_state_dict(ck['scheduler'])
-    torch.set_rng_state(ck['rng']['torch'])
-    if 'cuda' in ck['rng'] and torch.cuda.is_available(): torch.cuda.set_rng_state(ck['rng']['cuda'])
+    if rank is None: rank = dist.get_rank() if dist.is_initialized() else 0
+    ranks = ck.get('rng_ranks') or [ck['rng']]
+    rng = ranks[rank] if rank < len(ranks) else ranks[0]   # resumed on more processes than saved: rank 0's
+    torch.set_rng_state(rng['torch'])
+    if 'cuda' in rng and torch.cuda.is_available(): torch.cuda.set_rng_state(rng['cuda'])
     return ck['state']
 
 # %% ../nbs/03_train.ipynb #0f9dc26a
@@ -374,7 +441,7 @@ def _autocast(c: TrainConfig, device):
     return torch.autocast(device.type, dtype=torch.bfloat16) if use else nullcontext()
 
 # %% ../nbs/03_train.ipynb #3d7eb0d0
-STEP_FIELDS = ['step', 'epoch', 'loss', 'loss_cap', 'loss_contrast', 'lr', 'samples_per_s']
+STEP_FIELDS = ['step', 'epoch', 'loss', 'loss_cap', 'loss_contrast', 'alpha_eff', 'lr', 'samples_per_s']
 EPOCH_FIELDS = ['epoch', 'step', 'train_loss', 'val_loss', 'val_loss_cap', 'val_loss_contrast', 'val_rouge1', 'val_rougeL',
                 'val_meteor', 'val_attribute_score', 'best', 'seconds']
 
@@ -395,12 +462,13 @@ class CsvLog:
 # %% ../nbs/03_train.ipynb #2fd738a8
 @torch.no_grad()
 def validation_losses(model, dataset, collate, c: TrainConfig, device, batch_size: int = 32) -> dict:
-    "Token-weighted caption loss and batch-mean contrastive loss over a split."
+    "Token-weighted caption loss (over real tokens, whatever the recipe) and batch-mean contrastive loss over a split."
     model.eval()
     tot = dict(cap=0.0, tokens=0, contrast=0.0, batches=0)
     sampler = LengthGroupedBatchSampler(dataset.lengths, batch_size, shuffle=False)
     for b in torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, generator=torch.Generator()):
-        b = {k: v.to(device) for k, v in b.items()}
+        # lyrics padded as training padded them; labels not: val_loss_cap is the real-token mean under both recipes
+        b = recipe_batch({k: v.to(device) for k, v in b.items()}, c, model.config.pad_token_id, labels=False)
         n = int(b['labels'].ne(-100).sum())
         with _autocast(c, device): out = model(**b)
         tot['cap'] += float(out.loss_cap) * n; tot['tokens'] += n
@@ -462,16 +530,34 @@ def train_loader(dataset, sampler, collate, c: TrainConfig, device):
                                        pin_memory=device.type == 'cuda', prefetch_factor=4 if workers else None,
                                        generator=torch.Generator().manual_seed(c.seed))
 
+def contrast_weight(c: TrainConfig, n_counted, n_positions):
+    "The weight of L_contrast at one step: alpha, times n_positions / n_counted with `alpha_scale='positions'`."
+    # the original's caption loss averages over every label position, so that its alpha weighed L_contrast against a
+    # caption loss n_counted / n_positions as large as a real-token mean (see "Alpha" above); 1 under that loss itself
+    return c.alpha * n_positions / n_counted if c.alpha_scale == 'positions' else n_counted.new_tensor(c.alpha, dtype=torch.float)
+
 def train_step(fwd, model, batch, opt, sched, c: TrainConfig, device, world: int = 1) -> dict:
-    "One optimiser step of `fwd` (the model, its DDP or compiled wrapper); the losses come back as device tensors."
-    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    n_tok = batch['labels'].ne(-100).sum()
-    if world > 1: dist.all_reduce(n_tok)
+    "One optimiser step of `fwd` (the model, its DDP or compiled wrapper); the global batch's losses as device tensors."
+    batch = recipe_batch({k: v.to(device, non_blocking=True) for k, v in batch.items()}, c, model.config.pad_token_id)
+    y = batch['labels']
+    counts = torch.stack([y.ne(-100).sum(), y.new_tensor(len(y) * c.max_target_len)])   # label tokens, label positions
+    if world > 1: dist.all_reduce(counts)
+    n_tok, n_pos = counts[0], counts[1]
     with _autocast(c, device): o = fwd(**batch, num_items_in_batch=n_tok)
-    (o.loss * world).backward()
+    alpha = contrast_weight(c, n_tok, n_pos) if o.loss_contrast is not None else None
+    loss = o.loss_cap if alpha is None else o.loss_cap + alpha * o.loss_contrast
+    (loss * world).backward()
     if c.grad_clip: torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
     opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
-    named = dict(loss=o.loss, loss_cap=o.loss_cap, loss_contrast=o.loss_contrast)
+    # what is logged is the global batch's: each process holds its share of the token-weighted caption loss (summed
+    # here), and the same InfoNCE over the gathered batch (averaged: equal on every process)
+    cap = o.loss_cap.detach().float()
+    con = o.loss_contrast.detach().float() if alpha is not None else None
+    if world > 1:
+        parts = torch.stack([cap, con if con is not None else torch.zeros_like(cap)])
+        dist.all_reduce(parts)
+        cap, con = parts[0], (parts[1] / world if con is not None else None)
+    named = dict(loss=cap if con is None else cap + alpha * con, loss_cap=cap, loss_contrast=con, alpha_eff=alpha)
     return {k: v.detach() for k, v in named.items() if v is not None}
 
 class StepWindow:
@@ -519,7 +605,7 @@ def train(c: TrainConfig, command: str|None = None, progress: bool = True, log_e
 
     seed_everything(c.seed)  # the initial weights depend on the seed only
     model = build_model(c, tokenizer, features.d_m if features is not None else None).to(ctx.device)
-    sampler = LengthGroupedBatchSampler(data['train'].lengths, c.batch_size, shuffle=True, seed=c.seed, num_replicas=ctx.world, rank=ctx.rank)
+    sampler = train_sampler(c, data['train'].lengths, ctx)
     steps_per_epoch = len(sampler.global_batches(0))
     opt, sched = build_optimizer(c, model, steps_per_epoch * c.epochs)
     state = dict(epoch=0, batches_done=0, step=0, best=None, best_epoch=None)
@@ -556,7 +642,7 @@ def train(c: TrainConfig, command: str|None = None, progress: bool = True, log_e
     fwd = torch.compile(ddp) if c.torch_compile and ctx.device.type == 'cuda' else ddp
 
     def checkpoint():
-        if ctx.main: save_checkpoint(out/'checkpoints'/'last.pt', model, opt, sched, dict(state))
+        save_checkpoint(out/'checkpoints'/'last.pt', model, opt, sched, dict(state), ctx)  # all processes: their RNG states
 
     while state['epoch'] < c.epochs:
         epoch, t_epoch = state['epoch'], time.time()
