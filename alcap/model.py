@@ -53,12 +53,15 @@ class AlcapConfig(BartConfig):
     fusion_heads: int = 1
     fusion_scale: float = 0.1                          # h = LayerNorm(h + fusion_scale * attn), as the original
     fusion_share_norm: bool = True                     # one LayerNorm for all fusion blocks, as the original
+    fusion_shared: bool = False                        # one cross-attention for all fusion blocks, as the original
     contrast_layer: int | None = None                  # encoder layer giving h_t; None: the one before the first fusion
     contrast_similarity: str = "cosine"                # or 'dot' (eq. 1)
     contrast_tau: float = 0.3
     contrast_symmetric: bool = False
     contrast_proj_dim: int | None = 256                # None: text projected to d_music, music raw (original)
     contrast_duplicates: str = "drop"                  # or 'mask'
+    contrast_text_pads: bool = False                   # h_t pooled over every position, pads included (the
+                                                        # original's bug)
     text_init: str = "random"                          # or 'pretrained:<name or folder>'
     # what inference needs to prepare a new song exactly as training did (written by the trainer; None: not recorded)
     max_source_len: int | None = None                  # lyrics tokens the model was trained on; longer lyrics are cut
@@ -167,8 +170,9 @@ class AlcapForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
         self.fusion = self.fusion_norms = self.contrast = None
         if config.use_music:
             n = len(config.fusion_positions())
+            n_attn = 1 if config.fusion_shared else n   # the original: one module for every fusion layer
             self.fusion = nn.ModuleList(
-                FusionCrossAttention(config.d_model, config.d_music, config.fusion_heads) for _ in range(n))
+                FusionCrossAttention(config.d_model, config.d_music, config.fusion_heads) for _ in range(n_attn))
             self.fusion_norms = nn.ModuleList(
                 nn.LayerNorm(config.d_model) for _ in range(1 if config.fusion_share_norm else n))
         if config.alpha > 0:
@@ -196,7 +200,8 @@ class AlcapForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
             if i == cfg.text_layer(): h_t = h
             if i in places:
                 k = places.index(i)
-                attn, w = self.fusion[k](h, music_features, music_attention_mask, need_weights)
+                attn, w = self.fusion[0 if cfg.fusion_shared else k](
+                    h, music_features, music_attention_mask, need_weights)
                 h = self.fusion_norms[0 if cfg.fusion_share_norm else k](h + cfg.fusion_scale * attn)
                 if w is not None: maps.append(w)
         return AlcapEncoderOutput(last_hidden_state=h, h_t=h_t, fusion_attentions=tuple(maps) or None)
@@ -223,8 +228,8 @@ class AlcapForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
             n_tokens = num_items_in_batch if num_items_in_batch is not None else labels.ne(-100).sum().clamp_min(1)
             loss = loss_cap = ce / n_tokens
             if self.contrast is not None and getattr(encoder_outputs, 'h_t', None) is not None:
-                losses = self.contrast(music_features, encoder_outputs.h_t, music_attention_mask, attention_mask,
-                                       song_ids)
+                text_mask = None if self.config.contrast_text_pads else attention_mask  # None: the mean counts pads
+                losses = self.contrast(music_features, encoder_outputs.h_t, music_attention_mask, text_mask, song_ids)
                 loss_contrast = losses['loss_contrast']
                 loss = loss_cap + self.config.alpha * loss_contrast   # eq. (4): the one place it is weighted
         maps = getattr(encoder_outputs, 'fusion_attentions', None) if output_fusion_attentions else None

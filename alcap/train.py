@@ -28,20 +28,20 @@ from .losses import info_nce_log_n
 from .metrics import compute_metrics
 
 # %% auto #0
-__all__ = ['DATASETS', 'DEMO_N', 'OPTIMIZERS', 'SCHEDULES', 'TEXT_INITS', 'MODEL_SIZES', 'PRECISIONS', 'PRESETS', 'BEST_METRICS',
-           'GENERATION_PARAMS', 'STEP_FIELDS', 'EPOCH_FIELDS', 'TrainConfig', 'validate', 'Dist', 'setup_distributed',
-           'seed_everything', 'load_dataset_songs', 'ensure_features', 'fusion_layers', 'build_model',
-           'build_optimizer', 'save_torch', 'save_checkpoint', 'load_checkpoint', 'generation_kwargs',
-           'generation_settings', 'generate_captions', 'CsvLog', 'run_tokenizer', 'write_captions', 'data_manifest',
-           'same_data', 'Run', 'load_run_data', 'add_model', 'nothing_to_train', 'write_run_config', 'attach_loop',
-           'default_num_workers', 'train_loader', 'train_step', 'StepWindow', 'train_epoch', 'validation_losses',
-           'generation_scores', 'validate_epoch', 'end_epoch', 'finish_run', 'inference_settings', 'finish', 'train',
-           'train_cli']
+__all__ = ['DATASETS', 'DEMO_N', 'OPTIMIZERS', 'SCHEDULES', 'TEXT_INITS', 'MODEL_SIZES', 'PRECISIONS', 'PRESETS', 'RECIPES',
+           'RECIPE_OPTIONS', 'BEST_METRICS', 'GENERATION_PARAMS', 'STEP_FIELDS', 'EPOCH_FIELDS', 'TrainConfig',
+           'validate', 'Dist', 'setup_distributed', 'seed_everything', 'load_dataset_songs', 'ensure_features',
+           'fusion_layers', 'build_model', 'build_optimizer', 'save_torch', 'save_checkpoint', 'load_checkpoint',
+           'generation_kwargs', 'generation_settings', 'generate_captions', 'CsvLog', 'run_tokenizer', 'write_captions',
+           'data_manifest', 'same_data', 'Run', 'load_run_data', 'train_sampler', 'recipe_batch', 'add_model',
+           'nothing_to_train', 'write_run_config', 'attach_loop', 'default_num_workers', 'train_loader',
+           'contrast_weight', 'train_step', 'StepWindow', 'train_epoch', 'validation_losses', 'generation_scores',
+           'validate_epoch', 'end_epoch', 'finish_run', 'inference_settings', 'finish', 'train', 'train_cli']
 
 # %% ../nbs/03_train.ipynb #3244ccbe
 DATASETS = ('demo', 'si-full', 'si-votes-ge0', 'si-votes-gt0', 'ncm', 'jsonl')
 DEMO_N = 240      # the demo's quick default: songs generated when neither demo_n nor a data_dir holding one is given
-OPTIMIZERS, SCHEDULES = ('adamw', 'adafactor'), ('constant', 'linear', 'cosine')
+OPTIMIZERS, SCHEDULES = ('adamw', 'adafactor', 'adafactor-hf'), ('constant', 'linear', 'cosine')
 TEXT_INITS, MODEL_SIZES, PRECISIONS = ('pretrained', 'random'), ('tiny', 'base'), ('auto', 'bf16', 'fp32')
 
 PRESETS = {
@@ -57,32 +57,51 @@ PRESETS = {
                fusion_scale=0.1),
 }
 
+# every training choice where the authors' code and ours differ ("The recipe" below says which and why); a parameter
+# left at None takes its recipe's value, and the recipe's wins over the dataset preset's
+RECIPES = {
+    'ours': dict(fusion_shared=False, optimizer='adamw', weight_decay=0.01, grad_clip=1.0, caption_loss='tokens',
+                 text_pool='tokens', alpha_scale='positions', proj_dim=256, batching='length', precision='auto',
+                 best_metric='val_loss_cap'),
+    'original': dict(fusion_shared=True, optimizer='adafactor-hf', weight_decay=0.0, grad_clip=0.0,
+                     caption_loss='positions', text_pool='positions', alpha_scale='positions', proj_dim=0,
+                     batching='shuffle', precision='fp32', schedule='constant', warmup_steps=0,
+                     best_metric='val_loss_cap'),
+}
+# the values each recipe choice can take
+RECIPE_OPTIONS = dict(caption_loss=('tokens', 'positions'), text_pool=('tokens', 'positions'),
+                      alpha_scale=('positions', 'none'), batching=('length', 'shuffle'))
+
 # %% ../nbs/03_train.ipynb #ce3054fd
 @dataclass
 class TrainConfig:
-    "Every parameter of a training run (None: the dataset preset's value, or a derived one)."
+    "Every parameter of a training run (None: the recipe's value, else the dataset preset's, or a derived one)."
     dataset: str = 'demo'                 # 'demo', 'si-full', 'si-votes-ge0', 'si-votes-gt0', 'ncm' (an NCM-style CSV),
                                           # or 'jsonl' (any folder with metadata.jsonl)
     data_dir: str|None = None             # None: data/demo-<demo_n> for the demo, data/demo for 800 (made if absent)
     csv_name: str|None = None             # SI: df_{csv_name}_{train,val}.csv (None: the authors'); ncm: {csv_name}.csv
     demo_n: int|None = None               # demo only: its number of songs (None: what data_dir holds, else DEMO_N)
     method: str = 'alcap'                 # 'bart' (lyrics only), 'bart-fusion' (alpha = 0), 'alcap'
-    alpha: float = 0.02                   # weight of L_InfoNCE (must be 0 for bart and bart-fusion)
+    alpha: float = 0.02                   # weight of L_InfoNCE (must be 0 for bart and bart-fusion), as in the paper
+    recipe: str = 'ours'                  # 'ours' or 'original' (the authors' code): sets every None marked (R)
+    alpha_scale: str|None = None          # (R) 'positions': alpha weighs L_InfoNCE as the original's pad-inclusive
+                                          # mean did (x n_label_positions / n_label_tokens, see "Alpha"); 'none'
     tau: float = 0.3                      # InfoNCE temperature
     similarity: str = 'cosine'            # 'cosine' (original code) or 'dot' (eq. 1)
     symmetric: bool = False               # also the lyrics-anchored InfoNCE direction
-    proj_dim: int = 256                   # width of z_m, z_t
+    proj_dim: int|None = None             # (R) width of z_m, z_t; 0: text projected to d_m, music raw (the original)
     pairing: str = 'true'                 # 'true' pairs, or 'shuffled': each training song's lyrics and caption with
                                           # another song's music, a seeded derangement per epoch (validation stays true)
     seed: int = 0
     epochs: int|None = None
     batch_size: int|None = None           # per process
     lr: float|None = None
-    optimizer: str = 'adamw'              # 'adamw' (fused on GPU) or 'adafactor' (as the original)
+    optimizer: str|None = None            # (R) 'adamw' (fused on GPU), 'adafactor' (scale_parameter=False) or
+                                          # 'adafactor-hf' (transformers' defaults, as the original)
     schedule: str|None = None             # 'constant', 'linear' or 'cosine' decay after warm-up
     warmup_steps: int|None = None
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
+    weight_decay: float|None = None       # (R)
+    grad_clip: float|None = None          # (R) max gradient norm; 0: no clipping
     text_model: str = 'facebook/bart-base'  # hub name or local folder of a BART checkpoint (and its tokenizer)
     text_init: str|None = None            # 'pretrained' (from text_model) or 'random'
     model_size: str|None = None           # random init only: 'tiny' or 'base' (bart-base sized)
@@ -93,13 +112,19 @@ class TrainConfig:
     fusion: str = 'auto'                  # 'auto' (last two encoder layers: [4, 5] for bart-base), '4,5',
                                           # or 'after_encoder'
     fusion_scale: float|None = None       # h = LayerNorm(h + fusion_scale * attn); 0.1 as the original code (SI preset)
+    fusion_shared: bool|None = None       # (R) one cross-attention for every fusion layer (the original) or one each
+    caption_loss: str|None = None         # (R) L_cap's mean: 'tokens' (real label tokens) or 'positions' (the
+                                          # original: all max_target_len label positions, pads included)
+    text_pool: str|None = None            # (R) h_t's mean: 'tokens' (real lyrics tokens) or 'positions' (the original:
+                                          # lyrics padded to max_source_len, pads in the mean)
+    batching: str|None = None             # (R) 'length' (length-grouped batches) or 'shuffle' (uniform, the original)
     max_source_len: int|None = None
     max_target_len: int|None = None
-    precision: str = 'auto'               # 'auto' (bf16 autocast on GPU, fp32 on CPU), 'bf16' (autocast on any
+    precision: str|None = None            # (R) 'auto' (bf16 autocast on GPU, fp32 on CPU), 'bf16' (autocast on any
                                           # device) or 'fp32'
     eval_every: int|None = None           # validate every N epochs
-    best_metric: str = 'val_loss'         # 'val_loss' (lower is better) or a generation metric on validation:
-                                          # 'rougeL', 'meteor', ...
+    best_metric: str|None = None          # (R) a validation column: 'val_loss_cap' (lower is better, both recipes),
+                                          # 'val_loss', or a generation metric: 'rougeL', 'meteor', ...
     val_generate_n: int|None = None       # validation songs captioned at each validation for generation metrics
                                           # (0: none)
     # generation: None takes the preset's value, else the checkpoint's generation_config (see generation_kwargs)
@@ -124,9 +149,9 @@ class TrainConfig:
     def preset(self) -> str: return 'demo' if self.dataset in ('demo', 'jsonl') else 'si'
 
     def resolve(self) -> 'TrainConfig':
-        "A copy with every `None` knob set from the dataset preset, and the paths derived."
+        "A copy with every `None` knob set from the recipe, then the dataset preset, and the paths derived."
         c = dataclasses.replace(self)
-        for k, v in PRESETS.get(c.preset, {}).items():
+        for k, v in {**PRESETS.get(c.preset, {}), **RECIPES.get(c.recipe, {})}.items():
             if getattr(c, k) is None: setattr(c, k, v)
         if c.data_dir is None and c.dataset == 'demo':
             if c.demo_n is None: c.demo_n = DEMO_N
@@ -161,6 +186,9 @@ def _check_types(c: TrainConfig):
 
 def _check_choices(c: TrainConfig):
     "Each named choice is one its home allows (methods: alcap.model, similarities: alcap.losses, ...)."
+    for name, options in RECIPE_OPTIONS.items(): _choice(name, getattr(c, name), options)
+    for k in ('weight_decay', 'grad_clip', 'proj_dim'):
+        if not getattr(c, k) >= 0: raise ValueError(f"parameter {k}={getattr(c, k)!r}: must be >= 0")
     for name, options in dict(dataset=DATASETS, method=METHODS, similarity=SIMILARITIES, optimizer=OPTIMIZERS,
                               schedule=SCHEDULES, text_init=TEXT_INITS, model_size=MODEL_SIZES,
                               precision=PRECISIONS, music_encoder=ENCODERS, pairing=PAIRINGS).items():
@@ -308,7 +336,8 @@ def build_model(c: TrainConfig, tokenizer, d_music: int|None):
                    forced_bos_token_id=tokenizer.bos_token_id)
     n_layers = _encoder_layers(c.text_model) if c.text_init == 'pretrained' else 6 if c.model_size == 'base' else 4
     opts = dict(alpha=c.alpha, contrast_tau=c.tau, contrast_similarity=c.similarity, contrast_symmetric=c.symmetric,
-                contrast_proj_dim=c.proj_dim, fusion_scale=c.fusion_scale)
+                contrast_proj_dim=c.proj_dim or None, fusion_scale=c.fusion_scale, fusion_shared=c.fusion_shared,
+                contrast_text_pads=c.text_pool == 'positions')
     if c.method != 'bart': opts.update(d_music=d_music, fusion_layers=fusion_layers(c, n_layers))
     if c.text_init == 'pretrained':
         return AlcapForConditionalGeneration.from_bart(c.text_model, method=c.method, **opts)
@@ -324,11 +353,13 @@ def build_model(c: TrainConfig, tokenizer, d_music: int|None):
 
 # %% ../nbs/03_train.ipynb #8ddf5549
 def build_optimizer(c: TrainConfig, model, total_steps: int):
-    "AdamW (fused on GPU) or Adafactor, and a schedule with linear warm-up."
+    "AdamW (fused on GPU) or Adafactor (ours or transformers' defaults), and a schedule with linear warm-up."
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
     groups = [dict(params=decay, weight_decay=c.weight_decay), dict(params=no_decay, weight_decay=0.0)]
-    if c.optimizer == 'adafactor':
+    if c.optimizer == 'adafactor-hf':  # the original's call: a fixed lr, every other setting transformers' default
+        opt = Adafactor(groups, lr=c.lr, relative_step=False, warmup_init=False)
+    elif c.optimizer == 'adafactor':   # scale_parameter=False: the step is lr-sized, not lr x RMS(parameter)
         opt = Adafactor(groups, lr=c.lr, scale_parameter=False, relative_step=False, warmup_init=False)
     else:
         opt = torch.optim.AdamW(groups, lr=c.lr, fused=next(model.parameters()).is_cuda)
@@ -346,16 +377,24 @@ def save_torch(path, obj):
     torch.save(obj, buf)
     atomic_write(path, buf.getvalue())
 
-def save_checkpoint(path, model, opt, sched, state: dict):
-    "Write a resumable checkpoint atomically."
-    # the loop draws random numbers only from torch (dropout); the sampler is seeded by (seed, epoch)
+def _rng_state() -> dict:
+    "This process's RNG states: the loop draws random numbers only from torch (dropout); the sampler is seeded."
     rng = dict(torch=torch.get_rng_state())
     if torch.cuda.is_available(): rng['cuda'] = torch.cuda.get_rng_state()
-    save_torch(path, dict(model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
-                          state=state, rng=rng))
+    return rng
 
-def load_checkpoint(path, model, opt=None, sched=None) -> dict:
-    "Restore a checkpoint written by `save_checkpoint` (RNG states included); returns its trainer state."
+def save_checkpoint(path, model, opt, sched, state: dict, ctx: Dist|None = None):
+    "Write a resumable checkpoint atomically; under several processes every one calls it (each gives its RNG state)."
+    ranks = [_rng_state()]
+    if ctx is not None and ctx.world > 1:  # each process drops out its own units: all their states are kept
+        ranks = [None] * ctx.world
+        dist.all_gather_object(ranks, _rng_state())
+    if ctx is None or ctx.main:
+        save_torch(path, dict(model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
+                              state=state, rng=ranks[0], rng_ranks=ranks))
+
+def load_checkpoint(path, model, opt=None, sched=None, rank: int|None = None) -> dict:
+    "Restore a checkpoint written by `save_checkpoint` (this process's RNG states included); returns its state."
     try: ck = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # truncated, not a zip, not a torch file: all say the same to the user
         why = (str(e).strip().splitlines() or [''])[0][:200]
@@ -364,8 +403,11 @@ def load_checkpoint(path, model, opt=None, sched=None) -> dict:
     model.load_state_dict(ck['model'])
     if opt is not None: opt.load_state_dict(ck['optimizer'])
     if sched is not None: sched.load_state_dict(ck['scheduler'])
-    torch.set_rng_state(ck['rng']['torch'])
-    if 'cuda' in ck['rng'] and torch.cuda.is_available(): torch.cuda.set_rng_state(ck['rng']['cuda'])
+    if rank is None: rank = dist.get_rank() if dist.is_initialized() else 0
+    ranks = ck.get('rng_ranks') or [ck['rng']]
+    rng = ranks[rank] if rank < len(ranks) else ranks[0]  # resumed on more processes than saved: rank 0's
+    torch.set_rng_state(rng['torch'])
+    if 'cuda' in rng and torch.cuda.is_available(): torch.cuda.set_rng_state(rng['cuda'])
     return ck['state']
 
 # %% ../nbs/03_train.ipynb #66038cdc
@@ -416,7 +458,7 @@ def _autocast(c: TrainConfig, device):
     return torch.autocast(device.type, dtype=torch.bfloat16) if use else nullcontext()
 
 # %% ../nbs/03_train.ipynb #7d91e147
-STEP_FIELDS = ['step', 'epoch', 'loss', 'loss_cap', 'loss_contrast', 'lr', 'samples_per_s']
+STEP_FIELDS = ['step', 'epoch', 'loss', 'loss_cap', 'loss_contrast', 'alpha_eff', 'lr', 'samples_per_s']
 EPOCH_FIELDS = ['epoch', 'step', 'train_loss', 'val_loss', 'val_loss_cap', 'val_loss_contrast', 'val_rouge1',
                 'val_rougeL', 'val_meteor', 'val_attribute_score', 'val_infonce_bound', 'best', 'seconds']
 
@@ -498,9 +540,8 @@ class Run:
     epoch_log: CsvLog|None = None
 
     def checkpoint(self):
-        "Save `checkpoints/last.pt` (on the main process)."
-        if not self.ctx.main: return
-        save_checkpoint(self.out/'checkpoints'/'last.pt', self.model, self.opt, self.sched, dict(self.state))
+        "Save `checkpoints/last.pt`: every process calls it (each gives its RNG state), the main one writes."
+        save_checkpoint(self.out/'checkpoints'/'last.pt', self.model, self.opt, self.sched, dict(self.state), self.ctx)
 
 # %% ../nbs/03_train.ipynb #aeffddfb
 def load_run_data(c: TrainConfig, ctx: Dist) -> Run:
@@ -521,6 +562,26 @@ def load_run_data(c: TrainConfig, ctx: Dist) -> Run:
     collate = Collator(tokenizer.pad_token_id, max_source_len=c.max_source_len, max_target_len=c.max_target_len)
     return Run(c, ctx, out, split, data, tokenizer, collate, features=features)
 
+# %% ../nbs/03_train.ipynb #b7d2e002
+def train_sampler(c: TrainConfig, lengths, ctx: Dist) -> LengthGroupedBatchSampler:
+    "Training batches: length-grouped (`batching='length'`) or uniformly shuffled ('shuffle'), sharded by process."
+    mult = 16 if c.batching == 'length' else 1   # 1: each mega-batch is one batch, sorted only inside itself
+    return LengthGroupedBatchSampler(lengths, c.batch_size, shuffle=True, seed=c.seed, mega_batch_mult=mult,
+                                     num_replicas=ctx.world, rank=ctx.rank)
+
+def recipe_batch(batch: dict, c: TrainConfig, pad_token_id: int, labels: bool = True) -> dict:
+    "`batch` padded as the original code pads it where `c` asks (labels only when `labels`); else unchanged."
+    b = dict(batch)
+    if labels and c.caption_loss == 'positions':   # pad ids count in the loss: every position is a label
+        y = b['labels'][:, :c.max_target_len]
+        y = y.masked_fill(y == -100, pad_token_id)
+        b['labels'] = torch.nn.functional.pad(y, (0, c.max_target_len - y.shape[1]), value=pad_token_id)
+    if c.text_pool == 'positions' and c.method == 'alcap':   # the pad-inclusive mean divides by max_source_len
+        extra = c.max_source_len - b['input_ids'].shape[1]
+        b['input_ids'] = torch.nn.functional.pad(b['input_ids'], (0, extra), value=pad_token_id)
+        b['attention_mask'] = torch.nn.functional.pad(b['attention_mask'], (0, extra), value=0)
+    return b
+
 # %% ../nbs/03_train.ipynb #38c3591d
 def add_model(run: Run) -> Run:
     "The model, the batch sampler and the optimiser; the run's checkpoint restored if it has one."
@@ -528,8 +589,7 @@ def add_model(run: Run) -> Run:
     seed_everything(c.seed)  # the initial weights depend on the seed only
     d_music = run.features.d_m if run.features is not None else None
     run.model = build_model(c, run.tokenizer, d_music).to(ctx.device)
-    run.sampler = LengthGroupedBatchSampler(run.data['train'].lengths, c.batch_size, shuffle=True, seed=c.seed,
-                                            num_replicas=ctx.world, rank=ctx.rank)
+    run.sampler = train_sampler(c, run.data['train'].lengths, ctx)
     run.steps_per_epoch = len(run.sampler.global_batches(0))
     run.opt, run.sched = build_optimizer(c, run.model, run.steps_per_epoch * c.epochs)
     last = run.out/'checkpoints'/'last.pt'
@@ -597,18 +657,37 @@ def train_loader(dataset, sampler, collate, c: TrainConfig, device):
                                        pin_memory=device.type == 'cuda', prefetch_factor=4 if workers else None,
                                        generator=torch.Generator().manual_seed(c.seed))
 
+def contrast_weight(c: TrainConfig, n_counted, n_positions):
+    "The weight of L_InfoNCE at one step: alpha, times n_positions / n_counted with `alpha_scale='positions'`."
+    # the original's caption loss averages over every label position, so its alpha weighed L_InfoNCE against a
+    # caption loss n_counted / n_positions as large as a real-token mean ("Alpha"); 1 under that loss itself
+    if c.alpha_scale == 'positions': return c.alpha * n_positions / n_counted
+    return n_counted.new_tensor(c.alpha, dtype=torch.float)
+
 def train_step(fwd, model, batch, opt, sched, c: TrainConfig, device, world: int = 1) -> dict:
-    "One optimiser step of `fwd` (the model, its DDP or compiled wrapper); the losses come back as device tensors."
-    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    n_tok = batch['labels'].ne(-100).sum()
-    if world > 1: dist.all_reduce(n_tok)
+    "One optimiser step of `fwd` (the model, its DDP or compiled wrapper); the global batch's losses as tensors."
+    batch = recipe_batch({k: v.to(device, non_blocking=True) for k, v in batch.items()}, c, model.config.pad_token_id)
+    y = batch['labels']
+    counts = torch.stack([y.ne(-100).sum(), y.new_tensor(len(y) * c.max_target_len)])  # label tokens, positions
+    if world > 1: dist.all_reduce(counts)
+    n_tok, n_pos = counts[0], counts[1]
     with _autocast(c, device): o = fwd(**batch, num_items_in_batch=n_tok)
-    (o.loss * world).backward()
+    alpha = contrast_weight(c, n_tok, n_pos) if o.loss_contrast is not None else None
+    loss = o.loss_cap if alpha is None else o.loss_cap + alpha * o.loss_contrast
+    (loss * world).backward()
     if c.grad_clip: torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
     opt.step()
     sched.step()
     opt.zero_grad(set_to_none=True)
-    named = dict(loss=o.loss, loss_cap=o.loss_cap, loss_contrast=o.loss_contrast)
+    # what is logged is the global batch's: each process holds its share of the token-weighted caption loss (summed
+    # here), and the same InfoNCE over the gathered batch (averaged: equal on every process)
+    cap = o.loss_cap.detach().float()
+    con = o.loss_contrast.detach().float() if alpha is not None else None
+    if world > 1:
+        parts = torch.stack([cap, con if con is not None else torch.zeros_like(cap)])
+        dist.all_reduce(parts)
+        cap, con = parts[0], (parts[1] / world if con is not None else None)
+    named = dict(loss=cap if con is None else cap + alpha * con, loss_cap=cap, loss_contrast=con, alpha_eff=alpha)
     return {k: v.detach() for k, v in named.items() if v is not None}
 
 # %% ../nbs/03_train.ipynb #93ef6998
@@ -684,7 +763,8 @@ def validation_losses(model, dataset, collate, c: TrainConfig, device, batch_siz
     sampler = LengthGroupedBatchSampler(dataset.lengths, batch_size, shuffle=False)
     for b in torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
                                          generator=torch.Generator()):
-        b = {k: v.to(device) for k, v in b.items()}
+        # lyrics padded as training padded them; labels not: val_loss_cap is the real-token mean under both recipes
+        b = recipe_batch({k: v.to(device) for k, v in b.items()}, c, model.config.pad_token_id, labels=False)
         n = int(b['labels'].ne(-100).sum())
         with _autocast(c, device): out = model(**b)
         tot['cap'] += float(out.loss_cap) * n

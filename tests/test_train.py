@@ -219,7 +219,7 @@ def _free_port():
 # GPU in bf16: the comparison is of CPU processes, so it is skipped there (it failed that way on one H100)
 @pytest.mark.skipif(torch.cuda.is_available(), reason="compares CPU processes over gloo; hide the GPU to run it")
 def test_two_processes_equal_one_with_double_batch(tiny_data, tmp_path):
-    "DDP on 2 CPU processes (gloo), batch 4 each, ends where 1 process with batch 8 does (dropout off)."
+    "DDP on 2 CPU processes (gloo), batch 4 each, ends where 1 process with batch 8 does and logs its losses (dropout off)."
     common = dict(dropout=0.0, epochs=2, save_every=100)
     train(tiny_config(tiny_data, tmp_path/'one', batch_size=8, **common), progress=False)
     args = [f'--{k}={v}' for k, v in vars(tiny_config(tiny_data, tmp_path/'two', batch_size=4, **common)).items() if v is not None]
@@ -232,6 +232,12 @@ def test_two_processes_equal_one_with_double_batch(tiny_data, tmp_path):
     assert worst < 2e-5, worst   # the same math, summed in another order
     cfg = json.loads((tmp_path/'two'/'config.json').read_text())
     assert cfg['world_size'] == 2
+    # the logged losses are the global batch's, as one process sees it: not rank 0's share of the caption loss
+    import pandas as pd
+    logs = {r: pd.read_csv(tmp_path/r/'log_steps.csv') for r in ('one', 'two')}
+    assert len(logs['one']) == len(logs['two']) > 0
+    for k in ('loss', 'loss_cap', 'loss_contrast', 'alpha_eff'):
+        np.testing.assert_allclose(logs['two'][k], logs['one'][k], rtol=1e-4, err_msg=k)
 
 
 def test_a_demo_folder_is_never_overwritten(tmp_path):
