@@ -245,3 +245,14 @@ def test_a_demo_folder_is_never_overwritten(tmp_path):
     with pytest.raises(ValueError, match='demo_n=20: .* holds a demo of 12 songs'):
         train(TrainConfig(dataset='demo', data_dir=str(tmp_path/'demo'), demo_n=20, method='bart', alpha=0, output_dir=str(tmp_path/'run')), progress=False)
     assert len(list((tmp_path/'demo'/'audio').iterdir())) == 12
+
+
+def test_papermill_runs_skip_the_notebook_examples():
+    "Every example cell of nbs/03_train.ipynb is tagged skip-execution: a papermill run trains and does nothing else."
+    import json
+    cells = json.loads((Path(__file__).resolve().parents[1]/'nbs'/'03_train.ipynb').read_text())['cells']
+    run = next(i for i, c in enumerate(cells) if c['cell_type'] == 'markdown' and ''.join(c['source']).startswith('## Run'))
+    examples = [c for c in cells[:run] if c['cell_type'] == 'code' and not ''.join(c['source']).startswith('#| ')]
+    examples += [c for c in cells[:run] if ''.join(c['source']).startswith('#| hide')]
+    assert examples and all('skip-execution' in c['metadata'].get('tags', []) for c in examples)
+    assert not any('skip-execution' in c['metadata'].get('tags', []) for c in cells[run:])
