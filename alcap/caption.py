@@ -24,7 +24,7 @@ __all__ = ['tiny_run', 'CaptionError', 'find_model', 'run_parameters', 'music_se
            'load_excerpt', 'LyricsTruncated', 'read_lyrics', 'read_features', 'read_song_table', 'finished_ids',
            'generation_overrides', 'caption_cli']
 
-# %% ../nbs/03a_caption.ipynb #af0549e5
+# %% ../nbs/03a_caption.ipynb #da336941
 def tiny_run(folder, method: str = 'alcap', n: int = 12, seed: int = 1, **options) -> Path:
     "A finished run of `method` on `n` demo songs, with 3 s 'middle' excerpts zero-padded; returns the run folder."
     # the trainer and the demo data only for this helper of examples and tests: alcap-caption starts without them
