@@ -8,14 +8,20 @@ import argparse, io, json, math, platform, re, shlex, sys, textwrap, time
 from dataclasses import dataclass
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 import torch
 from scipy.stats import entropy as _entropy
+from transformers import AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 # every import from the rest of alcap sits here, so that they can be repointed in one place
-from .data import Collator, SongDataset, atomic_write, user_errors
+from .core import atomic_write, hardware, user_errors
+from .data import Collator, SongDataset
 from .music import SR, FeatureCache
-from .train import TrainConfig, hardware, load_dataset_songs
+from .model import AlcapForConditionalGeneration
+from .train import TrainConfig, load_dataset_songs
 
 # %% auto #0
 __all__ = ['MEL_HOP', 'CNNSA_TIME_STRIDE', 'FOCUS_METRICS', 'FrameClock', 'frame_clock', 'SongAttention', 'fusion_attention_maps',
@@ -161,7 +167,6 @@ def focus_metrics(A) -> dict:
 
 def focus_table(maps: list[SongAttention], special: bool = False, **labels) -> 'pd.DataFrame':
     "One row per song and fusion layer with `focus_metrics` (special tokens left out unless `special`), plus `labels`."
-    import pandas as pd
     rows = []
     for a in maps:
         keep = np.ones(len(a.tokens), bool) if special else ~a.special
@@ -194,7 +199,6 @@ def summarise_focus(df: 'pd.DataFrame', methods=('bart-fusion', 'alcap'), metric
                     level: float = 0.95, seed: int = 0) -> 'pd.DataFrame':
     """Per fusion layer and metric: each method's mean over songs (and seeds) with its bootstrap interval, and the
     paired difference of the last method minus the first, on the songs that every run measured."""
-    import pandas as pd
     missing = [m for m in methods if m not in set(df['method'])]
     if missing: raise ValueError(f'no runs of method {missing} among the measured runs ({sorted(set(df["method"]))})')
     runs = df.groupby(['method', 'seed'])['song_id'].agg(set)
@@ -218,7 +222,6 @@ def summarise_focus(df: 'pd.DataFrame', methods=('bart-fusion', 'alcap'), metric
 
 def focus_markdown(summary: 'pd.DataFrame', methods=('bart-fusion', 'alcap'), digits: int = 3) -> str:
     "The summary as a Markdown table: mean [interval] per method, and the difference."
-    import pandas as pd
     cols = [*methods, *([f'{methods[-1]} - {methods[0]}'] if len(methods) > 1 else [])]
     cell = lambda r, c: f"{r[c]:.{digits}f} [{r[c + '_lo']:.{digits}f}, {r[c + '_hi']:.{digits}f}]"
     out = pd.DataFrame([{'layer': r['layer'], 'metric': r['metric'], **{c: cell(r, c) for c in cols},
@@ -232,7 +235,6 @@ def plot_attention(runs: dict, song_ids=None, n_songs: int = 5, max_labels: int 
     """Figure 3: `runs` maps a model name to its `SongAttention`s; a row per song, a panel per model and fusion layer.
     The songs are `song_ids`, else the first `n_songs` that every model has. Each row's colour scale ends at the `clip`
     quantile of its weights (a few very large weights would otherwise leave the rest black)."""
-    import matplotlib.pyplot as plt
     names = list(runs)
     by_id = {n: {a.song_id: a for a in runs[n]} for n in names}
     if song_ids is None:
@@ -249,7 +251,8 @@ def plot_attention(runs: dict, song_ids=None, n_songs: int = 5, max_labels: int 
             a = by_id[n][sid]
             step = max(1, math.ceil(len(a.tokens) / max_labels))
             for k, layer in enumerate(a.layers):
-                ax = axes[r, col]; col += 1
+                ax = axes[r, col]
+                col += 1
                 im = ax.pcolormesh(a.frames.edges, np.arange(len(a.tokens) + 1), a.maps[k], vmin=0, vmax=vmax,
                                    cmap='magma', shading='flat', rasterized=True)
                 ax.set_ylim(len(a.tokens), 0)   # first token at the top
@@ -265,13 +268,10 @@ def plot_attention(runs: dict, song_ids=None, n_songs: int = 5, max_labels: int 
 # %% ../nbs/07_attention.ipynb #27abff6d
 def load_run(run_dir, device='cpu'):
     "A finished run's model (eval mode), tokenizer and recorded `config.json`."
-    from transformers import AutoTokenizer
-    from alcap.model import AlcapForConditionalGeneration
     run = Path(run_dir)
     if not (run/'model'/'config.json').exists() or not (run/'config.json').exists():
         raise FileNotFoundError(f'{run}: not a finished training run (no model/ or config.json): '
                                 'train it first, e.g. with alcap-demo')
-    from transformers.utils import logging as hf_logging
     bar = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()   # a bar per loaded run is noise in front of the table
     try:
@@ -322,8 +322,6 @@ def write_attention_results(run_dirs, out='results/figures', command: str = 'alc
                             overwrite: bool = False) -> dict:
     """Measure the runs' fusion attention on `split`; write `figure` (Figure 3, the first run of each method),
     `{stem}.csv` (summary), `{stem}_songs.csv` (per song and layer) and `{stem}.md`, with provenance, into `out`."""
-    import matplotlib; matplotlib.use('Agg')
-    import matplotlib.pyplot as plt, pandas as pd
     out = Path(out)
     paths = dict(figure=out/figure, csv=out/f'{stem}.csv', songs=out/f'{stem}_songs.csv', md=out/f'{stem}.md')
     there = [str(p) for p in paths.values() if p.exists()]

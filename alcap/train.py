@@ -242,6 +242,7 @@ def _check_files(c: TrainConfig):
 
 def validate(c: TrainConfig, check_files: bool = True) -> TrainConfig:
     "Check a resolved config; raise `ValueError` naming the first bad parameter."
+    _choice('recipe', c.recipe, tuple(RECIPES))  # an unknown recipe leaves its knobs None: name it, not them
     _check_types(c)
     _check_choices(c)
     _check_numbers(c)
