@@ -150,7 +150,8 @@ def matmul_peak_tflops(device, n: int|None = None, iters: int|None = None) -> di
     t0 = time.perf_counter()
     for _ in range(iters): a @ b
     _sync(device)
-    return dict(tflops=round(2 * n**3 * iters / (time.perf_counter() - t0) / 1e12, 2),
+    # significant digits, not decimals: a loaded CPU's peak can be below 0.005 TFLOP/s, and 0 would leave no MFU
+    return dict(tflops=float(f'{2 * n**3 * iters / (time.perf_counter() - t0) / 1e12:.4g}'),
                 dtype=str(dtype).replace('torch.', ''), n=n)
 
 def _epochs(dataset, sampler, collate, c, device):
