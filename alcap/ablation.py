@@ -71,6 +71,7 @@ def sweep_runs(runs_dir, alphas=ALPHAS, seeds=(0, 1, 2), dataset: str = 'demo', 
     for k in ('data_dir', 'features_dir'): base[k] = _absolute(data_dir if k == 'data_dir' else train_params.get(k))
     if base['data_dir'] is None:
         if dataset != 'demo': raise ValueError(f'dataset {dataset!r}: pass its data_dir (--data)')
+        if base['demo_n'] is None: base['demo_n'] = 800  # the main job's demo (data/demo), not the quick 240
         base['data_dir'] = _absolute(TrainConfig(demo_n=base['demo_n']).resolve().data_dir)
     runs_dir = Path(runs_dir).expanduser().resolve()
     runs = {}
