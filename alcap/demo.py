@@ -142,7 +142,8 @@ def main(argv: list[str]|None = None):
     t0 = time.time()
     songs = ensure_demo_data(args.data, args.n, args.seed, regenerate=args.regenerate)
     print(f'[data] {len(songs)} songs in {args.data} ({time.time() - t0:.0f} s)', flush=True)
-    atomic_write(Path(args.results)/'dataset.md', dataset_summary(songs, cmd, args.seed))
+    if 'data' in args.stages:   # another stage alone must not rewrite the summary under its own command
+        atomic_write(Path(args.results)/'dataset.md', dataset_summary(songs, cmd, args.seed))
     if 'features' in args.stages:
         cache = ensure_features(songs, Path(args.data)/'features'/'musicnn-msd')
         print(f'[features] {cache} ({time.time() - t0:.0f} s)', flush=True)
