@@ -28,15 +28,16 @@ from .losses import info_nce_log_n
 from .metrics import compute_metrics
 
 # %% auto #0
-__all__ = ['DATASETS', 'DEMO_N', 'OPTIMIZERS', 'SCHEDULES', 'TEXT_INITS', 'MODEL_SIZES', 'PRECISIONS', 'PRESETS', 'RECIPES',
-           'RECIPE_OPTIONS', 'BEST_METRICS', 'GENERATION_PARAMS', 'STEP_FIELDS', 'EPOCH_FIELDS', 'TrainConfig',
-           'validate', 'Dist', 'setup_distributed', 'seed_everything', 'load_dataset_songs', 'ensure_features',
-           'fusion_layers', 'build_model', 'build_optimizer', 'save_torch', 'save_checkpoint', 'load_checkpoint',
-           'generation_kwargs', 'generation_settings', 'generate_captions', 'CsvLog', 'run_tokenizer', 'write_captions',
-           'data_manifest', 'same_data', 'Run', 'load_run_data', 'train_sampler', 'recipe_batch', 'add_model',
-           'nothing_to_train', 'write_run_config', 'attach_loop', 'default_num_workers', 'train_loader',
-           'contrast_weight', 'train_step', 'StepWindow', 'train_epoch', 'validation_losses', 'generation_scores',
-           'validate_epoch', 'end_epoch', 'finish_run', 'inference_settings', 'finish', 'train', 'train_cli']
+__all__ = ['DATASETS', 'DEMO_N', 'OPTIMIZERS', 'SCHEDULES', 'TEXT_INITS', 'MODEL_SIZES', 'PRECISIONS', 'PRESETS', 'OPTIMIZER_LRS',
+           'RECIPES', 'RECIPE_OPTIONS', 'BEST_METRICS', 'GENERATION_PARAMS', 'STEP_FIELDS', 'EPOCH_FIELDS',
+           'TrainConfig', 'validate', 'Dist', 'setup_distributed', 'seed_everything', 'load_dataset_songs',
+           'ensure_features', 'fusion_layers', 'build_model', 'build_optimizer', 'save_torch', 'save_checkpoint',
+           'load_checkpoint', 'generation_kwargs', 'generation_settings', 'generate_captions', 'CsvLog',
+           'run_tokenizer', 'write_captions', 'data_manifest', 'same_data', 'Run', 'load_run_data', 'train_sampler',
+           'recipe_batch', 'add_model', 'nothing_to_train', 'write_run_config', 'attach_loop', 'default_num_workers',
+           'train_loader', 'contrast_weight', 'train_step', 'StepWindow', 'train_epoch', 'validation_losses',
+           'generation_scores', 'validate_epoch', 'end_epoch', 'finish_run', 'inference_settings', 'finish', 'train',
+           'train_cli']
 
 # %% ../nbs/03_train.ipynb #3244ccbe
 DATASETS = ('demo', 'si-full', 'si-votes-ge0', 'si-votes-gt0', 'ncm', 'jsonl')
@@ -46,7 +47,7 @@ TEXT_INITS, MODEL_SIZES, PRECISIONS = ('pretrained', 'random'), ('tiny', 'base')
 
 PRESETS = {
     # a small random-init BART that learns the demo in minutes on 2 CPU cores
-    'demo': dict(text_init='random', model_size='tiny', epochs=8, batch_size=8, lr=1e-3, warmup_steps=50,
+    'demo': dict(text_init='random', model_size='tiny', epochs=8, batch_size=8, lr=0.1, warmup_steps=50,
                  schedule='linear', max_source_len=128, max_target_len=128, num_beams=4, max_new_tokens=128,
                  eval_every=1, val_generate_n=8, vocab_size=3000, fusion_scale=0.1, do_sample=False, top_p=0.92),
     # the paper: pretrained bart-base, batch 26, lr 5e-5, 20 epochs, 512 tokens; generation as the authors' model.py:
@@ -57,11 +58,15 @@ PRESETS = {
                fusion_scale=0.1),
 }
 
+# a preset's lr for an optimiser other than the default: Adafactor-hf's step is lr x RMS(weight), AdamW's is lr
+# (the demo's lrs: the lr trial of nbs/06a_recipes.ipynb)
+OPTIMIZER_LRS = {'demo': {'adamw': 1e-3, 'adafactor': 1e-3}}
+
 # every training choice where the authors' code and ours differ ("The recipe" below says which and why); a parameter
 # left at None takes its recipe's value, and the recipe's wins over the dataset preset's
 RECIPES = {
-    'ours': dict(fusion_shared=False, optimizer='adamw', weight_decay=0.01, grad_clip=1.0, caption_loss='tokens',
-                 text_pool='tokens', alpha_scale='positions', proj_dim=256, batching='length', precision='auto',
+    'ours': dict(fusion_shared=False, optimizer='adafactor-hf', weight_decay=0.01, grad_clip=1.0, caption_loss='tokens',
+                 text_pool='tokens', alpha_scale='positions', proj_dim=256, batching='shuffle', precision='auto',
                  best_metric='val_loss_cap'),
     'original': dict(fusion_shared=True, optimizer='adafactor-hf', weight_decay=0.0, grad_clip=0.0,
                      caption_loss='positions', text_pool='positions', alpha_scale='positions', proj_dim=0,
@@ -95,9 +100,9 @@ class TrainConfig:
     seed: int = 0
     epochs: int|None = None
     batch_size: int|None = None           # per process
-    lr: float|None = None
-    optimizer: str|None = None            # (R) 'adamw' (fused on GPU), 'adafactor' (scale_parameter=False) or
-                                          # 'adafactor-hf' (transformers' defaults, as the original)
+    lr: float|None = None                 # None: the preset's for the optimiser (OPTIMIZER_LRS)
+    optimizer: str|None = None            # (R) 'adafactor-hf' (transformers' defaults, as the original), 'adamw'
+                                          # (fused on GPU) or 'adafactor' (scale_parameter=False)
     schedule: str|None = None             # 'constant', 'linear' or 'cosine' decay after warm-up
     warmup_steps: int|None = None
     weight_decay: float|None = None       # (R)
@@ -151,6 +156,8 @@ class TrainConfig:
     def resolve(self) -> 'TrainConfig':
         "A copy with every `None` knob set from the recipe, then the dataset preset, and the paths derived."
         c = dataclasses.replace(self)
+        if c.lr is None:
+            c.lr = OPTIMIZER_LRS.get(c.preset, {}).get(c.optimizer or RECIPES.get(c.recipe, {}).get('optimizer'))
         for k, v in {**PRESETS.get(c.preset, {}), **RECIPES.get(c.recipe, {})}.items():
             if getattr(c, k) is None: setattr(c, k, v)
         if c.data_dir is None and c.dataset == 'demo':
