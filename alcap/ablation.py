@@ -5,7 +5,7 @@
 # %% ../nbs/06_ablation.ipynb #00000003
 from __future__ import annotations
 import argparse, io, json, math, shlex, sys, textwrap, time
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +13,8 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
-from .core import atomic_write, parse_value, repo_root, user_errors
-from .train import TrainConfig, _check_same_run, data_manifest, validate
+from .core import atomic_write, param_pairs, repo_root, user_errors
+from .train import TrainConfig, _check_same_run, check_train_params, data_manifest, validate
 from .runs import finished_run, run_training_notebook
 from .retrieval import DEFAULT_MODEL
 from .evaluate import evaluate_run
@@ -61,11 +61,7 @@ def _absolute(p) -> str|None:
 def sweep_runs(runs_dir, alphas=ALPHAS, seeds=(0, 1, 2), dataset: str = 'demo', data_dir=None, **train_params) -> dict:
     "`{(alpha, seed): (papermill parameters, resolved TrainConfig)}` of every run, all validated before any training."
     alphas, seeds = check_grid(alphas, seeds)
-    if clash := sorted(set(train_params) & set(SWEEP_KEYS)):
-        raise ValueError(f'training parameters {clash}: the sweep sets them for each run '
-                         '(use --alphas, --seeds, --out)')
-    if unknown := sorted(set(train_params) - {f.name for f in fields(TrainConfig)}):
-        raise ValueError(f'unknown training parameters {unknown} (the names are those of nbs/03_train.ipynb)')
+    check_train_params(train_params, SWEEP_KEYS, 'the sweep sets them for each run (use --alphas, --seeds, --out)')
     # the notebook's quick demo size (240) is not TrainConfig's: pass demo_n always, so both read the same value
     base = {'demo_n': None, **train_params, 'dataset': dataset}
     for k in ('data_dir', 'features_dir'): base[k] = _absolute(data_dir if k == 'data_dir' else train_params.get(k))
@@ -327,11 +323,9 @@ def main(argv: list[str]|None = None):
     p.add_argument('--results', help='also copy sweep.csv and sweep.json there, with the peak report peaks.md')
     p.add_argument('--figures', help='render fig5_alpha_text.png and fig6_alpha_retrieval.png there')
     args = p.parse_args(argv)
-    params = {}
-    for k, v in args.param:
-        if k in params: raise ValueError(f'-p {k}: given twice')
-        if k in ('dataset', 'data_dir'): raise ValueError(f'-p {k}: pass it as --dataset or --data')
-        params[k] = parse_value(v)
+    params = param_pairs(args.param)
+    if k := next((k for k in ('dataset', 'data_dir') if k in params), None):
+        raise ValueError(f'-p {k}: pass it as --dataset or --data')
     command = shlex.join(['alcap-ablation', *(sys.argv[1:] if argv is None else argv)])
     table = alpha_sweep(args.out, args.alphas, args.seeds, args.dataset, args.data, ks=args.ks,
                         retrieval_model=args.retrieval_model, command=command, **params)

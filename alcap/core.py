@@ -12,7 +12,7 @@ import torch
 
 # %% auto #0
 __all__ = ['USER_ERRORS', 'atomic_write', 'user_errors', 'run_command', 'hardware', 'provenance', 'repo_root', 'hub_reachable',
-           'parse_value']
+           'parse_value', 'param_pairs']
 
 # %% ../nbs/00_core.ipynb #5a742e9e
 def atomic_write(path, data: bytes|str) -> Path:
@@ -119,3 +119,12 @@ def parse_value(s: str, typ=None, name: str = 'value'):
         kind = 'true or false' if 'bool' in t else 'an integer' if 'int' in t and 'float' not in t else 'a number'
         raise ValueError(f"--{name} {s!r}: must be {kind}") from None
     return s
+
+# %% ../nbs/00_core.ipynb #e806c475
+def param_pairs(pairs) -> dict:
+    "Command-line `-p KEY VALUE` pairs as a dict of values (each read by `parse_value`); a key given twice is an error."
+    params = {}
+    for k, v in pairs:
+        if k in params: raise ValueError(f'-p {k}: given twice')
+        params[k] = parse_value(v)
+    return params

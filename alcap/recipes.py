@@ -6,7 +6,7 @@
 from __future__ import annotations
 import argparse, json, multiprocessing, os, shlex, sys, time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +14,9 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
-from .core import atomic_write, parse_value, repo_root, user_errors
-from .train import RECIPES, TrainConfig, _check_same_run, data_manifest, train, validate
+from .core import atomic_write, param_pairs, repo_root, user_errors
+from .train import (RECIPES, TrainConfig, _check_same_run, check_train_params, data_manifest, train,
+                         validate)
 from .runs import finished_run
 
 # %% auto #0
@@ -48,11 +49,8 @@ def recipe_switches(base: TrainConfig, cuda: bool|None = None) -> dict:
 # %% ../nbs/06a_recipes.ipynb #3e6b361f
 def recipe_base(data_dir=None, **train_params) -> TrainConfig:
     "Our recipe as the ablation trains it (ALCAP, `data/demo`, no validation captions), with `train_params` on top."
-    varied = {'recipe', 'seed', 'output_dir', 'method'}
-    if clash := sorted(set(train_params) & varied):
-        raise ValueError(f'training parameters {clash}: the recipe ablation sets them for each run')
-    if unknown := sorted(set(train_params) - {f.name for f in fields(TrainConfig)}):
-        raise ValueError(f'unknown training parameters {unknown} (the names are those of nbs/03_train.ipynb)')
+    check_train_params(train_params, ('recipe', 'seed', 'output_dir', 'method'),
+                       'the recipe ablation sets them for each run')
     params = {'dataset': 'demo', 'val_generate_n': 0, **train_params, 'method': 'alcap'}
     if data_dir is None and params['dataset'] == 'demo': data_dir = repo_root()/'data'/'demo'
     if data_dir is None: raise ValueError(f"dataset {params['dataset']!r}: pass its data_dir (--data)")
@@ -251,10 +249,7 @@ def main(argv: list[str]|None = None):
     p.add_argument('--figures', help='draw recipes.png there')
     args = p.parse_args(argv)
     if args.workers < 1: raise ValueError(f'--workers {args.workers}: must be at least 1')
-    params = {}
-    for k, v in args.param:
-        if k in params: raise ValueError(f'-p {k}: given twice')
-        params[k] = parse_value(v)
+    params = param_pairs(args.param)
     command = shlex.join(['alcap-recipes', *(sys.argv[1:] if argv is None else argv)])
     table = recipe_ablation(args.out, args.seeds, args.data, args.lr, args.lrs, args.workers, command, **params)
     prov = json.loads((Path(args.out).expanduser()/'recipes.json').read_text())

@@ -30,14 +30,14 @@ from .metrics import compute_metrics
 # %% auto #0
 __all__ = ['DATASETS', 'DEMO_N', 'OPTIMIZERS', 'SCHEDULES', 'TEXT_INITS', 'MODEL_SIZES', 'PRECISIONS', 'PRESETS', 'OPTIMIZER_LRS',
            'RECIPES', 'RECIPE_OPTIONS', 'BEST_METRICS', 'GENERATION_PARAMS', 'STEP_FIELDS', 'EPOCH_FIELDS',
-           'TrainConfig', 'validate', 'Dist', 'setup_distributed', 'seed_everything', 'load_dataset_songs',
-           'ensure_features', 'fusion_layers', 'build_model', 'build_optimizer', 'save_torch', 'save_checkpoint',
-           'load_checkpoint', 'generation_kwargs', 'generation_settings', 'generate_captions', 'CsvLog',
-           'run_tokenizer', 'write_captions', 'data_manifest', 'same_data', 'Run', 'load_run_data', 'train_sampler',
-           'recipe_batch', 'add_model', 'nothing_to_train', 'write_run_config', 'attach_loop', 'default_num_workers',
-           'train_loader', 'contrast_weight', 'train_step', 'StepWindow', 'train_epoch', 'validation_losses',
-           'generation_scores', 'validate_epoch', 'end_epoch', 'finish_run', 'inference_settings', 'finish', 'train',
-           'train_cli']
+           'TrainConfig', 'validate', 'check_train_params', 'Dist', 'setup_distributed', 'seed_everything',
+           'load_dataset_songs', 'ensure_features', 'fusion_layers', 'build_model', 'build_optimizer', 'save_torch',
+           'save_checkpoint', 'load_checkpoint', 'generation_kwargs', 'generation_settings', 'generate_captions',
+           'CsvLog', 'run_tokenizer', 'write_captions', 'data_manifest', 'same_data', 'Run', 'load_run_data',
+           'train_sampler', 'recipe_batch', 'add_model', 'nothing_to_train', 'write_run_config', 'attach_loop',
+           'default_num_workers', 'train_loader', 'contrast_weight', 'train_step', 'StepWindow', 'train_epoch',
+           'validation_losses', 'generation_scores', 'validate_epoch', 'end_epoch', 'finish_run', 'inference_settings',
+           'finish', 'train', 'train_cli']
 
 # %% ../nbs/03_train.ipynb #3244ccbe
 DATASETS = ('demo', 'si-full', 'si-votes-ge0', 'si-votes-gt0', 'ncm', 'jsonl')
@@ -255,6 +255,14 @@ def validate(c: TrainConfig, check_files: bool = True) -> TrainConfig:
     _check_numbers(c)
     if check_files: _check_files(c)
     return c
+
+# %% ../nbs/03_train.ipynb #86fe2204
+def check_train_params(params: dict, reserved=(), why: str = 'set for each run') -> dict:
+    "`params` checked as training parameters: names of `TrainConfig`, none of `reserved` (`why`: who sets those)."
+    if clash := sorted(set(params) & set(reserved)): raise ValueError(f'training parameters {clash}: {why}')
+    if unknown := sorted(set(params) - {f.name for f in fields(TrainConfig)}):
+        raise ValueError(f'unknown training parameters {unknown} (the names are those of nbs/03_train.ipynb)')
+    return params
 
 # %% ../nbs/03_train.ipynb #b3764b42
 @dataclass
