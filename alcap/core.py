@@ -15,6 +15,12 @@ __all__ = ['USER_ERRORS', 'atomic_write', 'user_errors', 'run_command', 'hardwar
            'parse_value', 'param_pairs']
 
 # %% ../nbs/00_core.ipynb #5a742e9e
+def _umask() -> int:
+    "The process's file-creation mask: os.umask only reads it by setting it, so it is put back at once."
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
 def atomic_write(path, data: bytes|str) -> Path:
     "Write `data` to `path` through a temporary file in the same folder and `os.replace`; returns the path."
     path = Path(path)
@@ -25,6 +31,7 @@ def atomic_write(path, data: bytes|str) -> Path:
             f.write(data.encode('utf-8') if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

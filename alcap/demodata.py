@@ -30,7 +30,7 @@ __all__ = ['DEMO_SR', 'DEMO_SECONDS', 'DEMO_GENERATOR_VERSION', 'DEMO_INSTRUMENT
 
 # %% ../nbs/01b_demodata.ipynb #a96366c3
 DEMO_SR, DEMO_SECONDS = 16_000, 15.0
-DEMO_GENERATOR_VERSION = 3  # bump whenever the same seed would give other songs: stale folders are regenerated
+DEMO_GENERATOR_VERSION = 4  # bump whenever the same seed would give other songs: stale folders are regenerated
 DEMO_INSTRUMENTS = ('guitar', 'piano', 'strings', 'synth')
 DEMO_TEMPI = {'slow': (62, 80), 'medium': (92, 112), 'fast': (128, 152)}
 DEMO_THEMES = ('love', 'heartbreak', 'war', 'freedom', 'party', 'faith', 'loneliness', 'home')
@@ -50,7 +50,7 @@ DEMO_THEME_MUSIC = {
     'loneliness': dict(tempo='slow',   drums=False, mode='minor', register='high', groove='busy'),
     'home':       dict(tempo='medium', drums=True,  mode='major', register='low',  groove='sparse'),
 }
-DEMO_THEME_FIDELITY = 0.85  # P(a music attribute takes its theme's value); else one of the others, uniformly
+DEMO_THEME_FIDELITY = 0.95  # P(a music attribute takes its theme's value); else one of the others, uniformly
 # words a caption uses for each attribute value: the attribute score of a generated caption looks for these
 DEMO_ATTRIBUTE_WORDS = {
     'instrument': {'guitar': ('guitar',), 'piano': ('piano',), 'strings': ('strings',), 'synth': ('synth',)},
