@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_demo.ipynb #b277d82c
 from __future__ import annotations
-import argparse, json, sys, time
+import argparse, io, json, sys, time
 from pathlib import Path
 
 import pandas as pd
@@ -67,19 +67,31 @@ def attribute_summary(att) -> 'pd.DataFrame':
         rows.append(row)
     return pd.DataFrame(rows)
 
-def loss_plot(run_dirs, path):
-    "Validation loss per epoch of each run, in one figure."
-    fig = Figure(figsize=(10, 3.5))  # no pyplot: the caller's backend and open figures are left alone
+def loss_plot(run_dirs, path) -> Figure:
+    """Validation losses per epoch of the runs: one colour per method, one marker per seed, one legend entry per
+    method; the caption loss on a log scale, so that a diverging run does not flatten the others."""
+    fig = Figure(figsize=(10, 3.8))  # no pyplot: the caller's backend and open figures are left alone
     ax = fig.subplots(1, 2)
-    for r in run_dirs:
-        e, name = pd.read_csv(Path(r)/'log_epochs.csv'), Path(r).name
-        ax[0].plot(e['epoch'], e['val_loss_cap'], marker='o', label=name)
-        if e['val_loss_contrast'].notna().any(): ax[1].plot(e['epoch'], e['val_loss_contrast'], marker='o', label=name)
-    ax[0].set(title='validation caption loss', xlabel='epoch')
-    ax[1].set(title='validation InfoNCE (ALCAP)', xlabel='epoch')
-    for a in ax: a.legend()
+    cfgs = [json.loads((Path(r)/'config.json').read_text()) for r in run_dirs]
+    methods = list(dict.fromkeys(demo_method(c) for c in cfgs))
+    seeds = sorted({c['seed'] for c in cfgs})
+    for r, cfg in zip(run_dirs, cfgs):
+        e, method = pd.read_csv(Path(r)/'log_epochs.csv'), demo_method(cfg)
+        first = cfg['seed'] == min(c['seed'] for c in cfgs if demo_method(c) == method)
+        style = dict(color=f'C{methods.index(method)}', marker='os^Dv'[seeds.index(cfg['seed']) % 5], alpha=0.8,
+                     label=method if first else None)
+        ax[0].plot(e['epoch'], e['val_loss_cap'], **style)
+        if e['val_loss_contrast'].notna().any(): ax[1].plot(e['epoch'], e['val_loss_contrast'], **style)
+    ax[0].set(title='validation caption loss', xlabel='epoch', yscale='log')
+    ax[1].set(title='validation InfoNCE', xlabel='epoch')
+    marks = ', '.join(f"{'os^Dv'[i % 5]} seed {s}" for i, s in enumerate(seeds))
+    for a in ax:
+        if a.get_legend_handles_labels()[0]: a.legend(title=marks, title_fontsize=7, fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    buf = io.BytesIO()
+    fig.savefig(buf, format='png', dpi=100)
+    atomic_write(path, buf.getvalue())
+    return fig
 
 # %% ../nbs/09_demo.ipynb #faefd2dd
 def write_demo_results(run_dirs, results: Path, command: str, seeds):
@@ -89,7 +101,7 @@ def write_demo_results(run_dirs, results: Path, command: str, seeds):
     for s in scored: s['config']['method'] = demo_method(s['config'])   # ALCAP's two recipes: two rows, not one
     write_tables(scored, out=results, command=command)
     att = attribute_table(run_dirs)
-    att.to_csv(results/'attributes.csv', index=False)
+    atomic_write(results/'attributes.csv', att.to_csv(index=False))
     # what the runs were trained on
     m = json.loads((Path(run_dirs[0]) / 'config.json').read_text()).get('data_manifest') or {}
     n_test = ', '.join(map(str, sorted(set(att['n_test']))))
