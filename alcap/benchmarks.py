@@ -109,7 +109,7 @@ def si_model(size: str, tokenizer, d_m: int, method: str = 'alcap'):
                                                           fusion_layers=fusion, fusion_scale=0.1)
 
 def regime_config(regime: str, size: str, torch_compile: bool = False) -> TrainConfig:
-    "The trainer configuration of the 'reference' regime (the original code's) or 'ours' (the trainer's defaults)."
+    "The trainer configuration of the 'reference' regime (the original code's) or 'ours' (our fast path: AdamW)."
     if regime not in ('reference', 'ours'): raise ValueError(f"regime={regime!r}: must be 'reference' or 'ours'")
     p, ref = SIZES[size], regime == 'reference'
     max_len = _max_len(p)
