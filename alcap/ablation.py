@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_ablation.ipynb #00000003
 from __future__ import annotations
-import argparse, io, json, math, shlex, sys, textwrap, time
+import argparse, json, math, shlex, sys, textwrap, time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -13,7 +13,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
-from .core import atomic_write, param_pairs, repo_root, user_errors
+from .core import atomic_write, param_pairs, repo_root, save_png, user_errors
 from .train import TrainConfig, _check_same_run, check_train_params, data_manifest, validate
 from .runs import finished_run, run_training_notebook
 from .retrieval import DEFAULT_MODEL
@@ -190,9 +190,7 @@ def _save(fig, path, title, provenance):
     fig.set_size_inches(w, h + foot)
     if lines: fig.text(0.01, 0.05 / (h + foot), '\n'.join(lines), fontsize=7, va='bottom', ha='left', color='0.3')
     fig.tight_layout(rect=(0, foot / (h + foot), 1, 1))
-    buf = io.BytesIO()
-    fig.savefig(buf, format='png', dpi=110)
-    return atomic_write(path, buf.getvalue())
+    return save_png(fig, path, dpi=110)
 
 def plot_fig5(table: pd.DataFrame, path, metrics: dict = FIG5, provenance: str|None = None) -> Path:
     "Figure 5: each captioning metric against alpha (mean ± 1 sd over seeds), one panel per metric."

@@ -4,7 +4,7 @@
 
 # %% ../nbs/07_attention.ipynb #f0e95de1
 from __future__ import annotations
-import argparse, io, json, math, platform, re, shlex, sys, textwrap, time
+import argparse, json, math, platform, re, shlex, sys, textwrap, time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +17,7 @@ from transformers import AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 # every import from the rest of alcap sits here, so that they can be repointed in one place
-from .core import atomic_write, hardware, user_errors
+from .core import atomic_write, hardware, save_png, user_errors
 from .data import Collator, SongDataset
 from .music import SR, FeatureCache
 from .model import AlcapForConditionalGeneration
@@ -340,10 +340,8 @@ def write_attention_results(run_dirs, out='results/figures', command: str = 'alc
     summary = summarise_focus(df, methods, n_boot=n_boot)
     fig = plot_attention({m: first[m] for m in methods}, song_ids=song_ids, n_songs=n_songs,
                          title=f'Fusion cross-attention, {split} songs (lyrics tokens x music frames). {note}'.strip())
-    buf = io.BytesIO()
-    fig.savefig(buf, format='png', dpi=90)
+    save_png(fig, paths['figure'], dpi=90)
     plt.close(fig)
-    atomic_write(paths['figure'], buf.getvalue())
     atomic_write(paths['csv'], summary.to_csv(index=False))
     atomic_write(paths['songs'], df.to_csv(index=False))
     text = [f'# Fusion attention: how focused, BART-fusion vs ALCAP ({split} split)', '', note, '',

@@ -11,8 +11,8 @@ from urllib.parse import urlparse
 import torch
 
 # %% auto #0
-__all__ = ['USER_ERRORS', 'atomic_write', 'user_errors', 'run_command', 'hardware', 'provenance', 'repo_root', 'hub_reachable',
-           'parse_value', 'param_pairs']
+__all__ = ['USER_ERRORS', 'atomic_write', 'save_png', 'user_errors', 'run_command', 'hardware', 'provenance', 'repo_root',
+           'hub_reachable', 'parse_value', 'param_pairs']
 
 # %% ../nbs/00_core.ipynb #5a742e9e
 def _umask() -> int:
@@ -37,6 +37,13 @@ def atomic_write(path, data: bytes|str) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+# %% ../nbs/00_core.ipynb #bdf0cdad
+def save_png(fig, path, dpi: int = 100) -> Path:
+    "Save a matplotlib figure as a PNG at `path` through `atomic_write`; returns the path."
+    buf = io.BytesIO()
+    fig.savefig(buf, format='png', dpi=dpi)
+    return atomic_write(path, buf.getvalue())
 
 # %% ../nbs/00_core.ipynb #18ee55ed
 USER_ERRORS = (ValueError, OSError, KeyError, ImportError)

@@ -4,13 +4,13 @@
 
 # %% ../nbs/09_demo.ipynb #b277d82c
 from __future__ import annotations
-import argparse, io, json, sys, time
+import argparse, json, sys, time
 from pathlib import Path
 
 import pandas as pd
 from matplotlib.figure import Figure
 
-from .core import atomic_write, parse_value, provenance, user_errors
+from .core import atomic_write, parse_value, provenance, save_png, user_errors
 from .data import load_songs
 from .demodata import dataset_summary, demo_scores, ensure_demo_data, ensure_features
 from .evaluate import evaluate_run, write_tables
@@ -67,30 +67,31 @@ def attribute_summary(att) -> 'pd.DataFrame':
         rows.append(row)
     return pd.DataFrame(rows)
 
+_MARKERS = 'os^Dv'   # one per seed, in order
+
 def loss_plot(run_dirs, path) -> Figure:
     """Validation losses per epoch of the runs: one colour per method, one marker per seed, one legend entry per
     method; the caption loss on a log scale, so that a diverging run does not flatten the others."""
     fig = Figure(figsize=(10, 3.8))  # no pyplot: the caller's backend and open figures are left alone
     ax = fig.subplots(1, 2)
     cfgs = [json.loads((Path(r)/'config.json').read_text()) for r in run_dirs]
-    methods = list(dict.fromkeys(demo_method(c) for c in cfgs))
+    names = [demo_method(c) for c in cfgs]
+    methods = list(dict.fromkeys(names))
     seeds = sorted({c['seed'] for c in cfgs})
-    for r, cfg in zip(run_dirs, cfgs):
-        e, method = pd.read_csv(Path(r)/'log_epochs.csv'), demo_method(cfg)
-        first = cfg['seed'] == min(c['seed'] for c in cfgs if demo_method(c) == method)
-        style = dict(color=f'C{methods.index(method)}', marker='os^Dv'[seeds.index(cfg['seed']) % 5], alpha=0.8,
-                     label=method if first else None)
+    lowest = {m: min(c['seed'] for c, n in zip(cfgs, names) if n == m) for m in methods}   # its seed has the label
+    for r, cfg, method in zip(run_dirs, cfgs, names):
+        e = pd.read_csv(Path(r)/'log_epochs.csv')
+        style = dict(color=f'C{methods.index(method)}', marker=_MARKERS[seeds.index(cfg['seed']) % len(_MARKERS)],
+                     alpha=0.8, label=method if cfg['seed'] == lowest[method] else None)
         ax[0].plot(e['epoch'], e['val_loss_cap'], **style)
         if e['val_loss_contrast'].notna().any(): ax[1].plot(e['epoch'], e['val_loss_contrast'], **style)
     ax[0].set(title='validation caption loss', xlabel='epoch', yscale='log')
     ax[1].set(title='validation InfoNCE', xlabel='epoch')
-    marks = ', '.join(f"{'os^Dv'[i % 5]} seed {s}" for i, s in enumerate(seeds))
+    marks = ', '.join(f"{_MARKERS[i % len(_MARKERS)]} seed {s}" for i, s in enumerate(seeds))
     for a in ax:
         if a.get_legend_handles_labels()[0]: a.legend(title=marks, title_fontsize=7, fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format='png', dpi=100)
-    atomic_write(path, buf.getvalue())
+    save_png(fig, path, dpi=100)
     return fig
 
 # %% ../nbs/09_demo.ipynb #faefd2dd

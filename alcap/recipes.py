@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
-from .core import atomic_write, param_pairs, repo_root, user_errors
+from .core import atomic_write, param_pairs, repo_root, save_png, user_errors
 from .train import (RECIPES, TrainConfig, _check_same_run, check_train_params, data_manifest, train,
                          validate)
 from .runs import finished_run
@@ -226,10 +226,7 @@ def plot_recipes(table: pd.DataFrame, path, metrics=('test_attribute_score', 'bo
         ax.set(yticks=range(len(arms)), yticklabels=arms, xlabel=_LABELS[m])
     axes[0].invert_yaxis()  # the axes share y: once for all, `ours` on top
     if note: fig.suptitle(note, fontsize=8)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    return path
+    return save_png(fig, path, dpi=110)
 
 # %% ../nbs/06a_recipes.ipynb #ef885266
 @user_errors('alcap-recipes')
