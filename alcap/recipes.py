@@ -5,6 +5,7 @@
 # %% ../nbs/06a_recipes.ipynb #793b4e2b
 from __future__ import annotations
 import argparse, json, multiprocessing, os, shlex, sys, time
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict
 from pathlib import Path
@@ -20,14 +21,15 @@ from .train import (RECIPES, TrainConfig, _check_same_run, check_train_params, d
 from .runs import finished_run
 
 # %% auto #0
-__all__ = ['TRIAL_LRS', 'ALTERNATIVES', 'LR_TRIAL_COLUMNS', 'METRICS', 'recipe_switches', 'recipe_base', 'recipe_plan',
-           'train_plan', 'run_scores', 'compare_recipes', 'lr_trial_table', 'pick_lr', 'recipe_ablation',
+__all__ = ['TRIAL_LRS', 'ALTERNATIVES', 'PRECISION_ARMS', 'LR_TRIAL_COLUMNS', 'METRICS', 'recipe_switches', 'recipe_base',
+           'recipe_plan', 'train_plan', 'run_scores', 'compare_recipes', 'lr_trial_table', 'pick_lr', 'recipe_ablation',
            'recipes_markdown', 'plot_recipes', 'main']
 
 # %% ../nbs/06a_recipes.ipynb #e7e86385
 TRIAL_LRS = (0.01, 0.03, 0.1, 0.3)  # the default optimiser's lr, tried on the first seed
 ALTERNATIVES = {'adamw-lr0.001': dict(optimizer='adamw', lr=1e-3),  # our default before this ablation
                 'adamw-lr0.003': dict(optimizer='adamw', lr=3e-3)}
+PRECISION_ARMS = {'bf16': dict(precision='bf16')}  # bf16 autocast, the fast choice on a GPU, where ours trains in fp32
 LR_TRIAL_COLUMNS = ['optimizer', 'lr', 'run', 'val_loss_cap_best', 'test_attribute_score', 'bound_last']
 METRICS = {'test_attribute_score': 'higher', 'test_instrument_score': 'higher', 'val_loss_cap_best': 'lower',
            'bound_last': 'higher', 'contrast_drop': 'higher'}
@@ -58,21 +60,29 @@ def recipe_base(data_dir=None, **train_params) -> TrainConfig:
     return TrainConfig(**params, data_dir=str(p if p.is_absolute() else repo_root()/p))
 
 def recipe_plan(runs_dir, base: TrainConfig, seeds=(0, 1, 2), lr: float|None = None, lrs=TRIAL_LRS,
-                alternatives=ALTERNATIVES, cuda: bool|None = None) -> dict:
-    "`{(arm, seed): resolved TrainConfig}`; with `lr` None the lr trial of our optimiser on the first seed."
+                alternatives=ALTERNATIVES, cuda: bool|None = None, arms: Sequence[str]|None = None) -> dict:
+    """`{(arm, seed): resolved TrainConfig}`; with `lr` and `arms` None the lr trial of our optimiser on the first
+    seed; `arms`: only these (and ours, which every arm is compared with)."""
     seeds = list(dict.fromkeys(int(s) for s in seeds))
     if not seeds: raise ValueError('seeds: give at least one')
     runs_dir = Path(runs_dir).expanduser().resolve()
-    opt = base.resolve().optimizer
-    if lr is None: arms = [(f'{opt}-lr{x:g}', seeds[0], {'lr': float(x)}, f'{opt}-lr{x:g}') for x in lrs]
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    opt, precision = base.resolve().optimizer, base.resolve().precision
+    fp32 = precision == 'fp32' or (precision == 'auto' and not cuda)   # then bf16 autocast is an arm
+    if lr is None and arms is None:
+        todo = [(f'{opt}-lr{x:g}', seeds[0], {'lr': float(x)}, f'{opt}-lr{x:g}') for x in lrs]
     else:
-        arms = [('ours', s, {}, 'ours') for s in seeds]
-        arms += [(a, s, p, a) for a, p in alternatives.items() for s in seeds]
-        arms += [(a, s, p, a) for a, p in recipe_switches(base, cuda).items() for s in seeds]
-        whole = {**{k: None for k in RECIPES['original']}, 'recipe': 'original', 'lr': float(lr)}  # no base choice
-        arms += [('original', s, whole, f'original-lr{lr:g}') for s in seeds]
+        named = {'ours': {}, **alternatives, **recipe_switches(base, cuda), **(PRECISION_ARMS if fp32 else {})}
+        wanted = list(named) + ['original'] if arms is None else ['ours', *arms]
+        unknown = [a for a in wanted if a not in named and a != 'original']
+        if unknown: raise ValueError(f"arms {unknown}: not arms of this ablation; choose from {[*named, 'original']}")
+        if 'original' in wanted and lr is None: raise ValueError("arms: 'original' needs its lr (--lr)")
+        todo = [(a, s, named[a], a) for a in dict.fromkeys(wanted) if a != 'original' for s in seeds]
+        if 'original' in wanted:
+            whole = {**{k: None for k in RECIPES['original']}, 'recipe': 'original', 'lr': float(lr)}  # no base choice
+            todo += [('original', s, whole, f'original-lr{lr:g}') for s in seeds]
     plan = {}
-    for arm, seed, params, folder in arms:
+    for arm, seed, params, folder in todo:
         out = str(runs_dir/f'{folder}_s{seed}')
         cfg = TrainConfig(**{**asdict(base), **params, 'seed': seed, 'output_dir': out})
         plan[arm, seed] = validate(cfg.resolve(), check_files=False)
@@ -153,18 +163,20 @@ def pick_lr(trial: pd.DataFrame, optimizer: str) -> float:
     return float(rows.loc[rows['val_loss_cap_best'].idxmin(), 'lr'])
 
 def recipe_ablation(runs_dir, seeds=(0, 1, 2), data_dir=None, lr: float|None = None, lrs=TRIAL_LRS,
-                    workers: int = 1, command: str|None = None, log=print, **train_params) -> pd.DataFrame:
-    "Train (or keep) every run of the ablation and tabulate their scores; also `runs_dir/recipes.{csv,json}`."
+                    workers: int = 1, command: str|None = None, log=print, arms: Sequence[str]|None = None,
+                    **train_params) -> pd.DataFrame:
+    """Train (or keep) every run of the ablation (`arms`: only these and ours) and tabulate their scores; also
+    `runs_dir/recipes.{csv,json}`."""
     runs_dir = Path(runs_dir).expanduser().resolve()
     base = recipe_base(data_dir, **train_params)
     command = command or f'alcap.recipes.recipe_ablation({str(runs_dir)!r}, ...)'
     trial, opt = None, base.resolve().optimizer
-    if lr is None:
+    if lr is None and (arms is None or 'original' in arms):
         trial = recipe_plan(runs_dir, base, seeds, lrs=lrs)
         train_plan(trial, command, workers, log)
         lr = pick_lr(lr_trial_table(trial), opt)
         log(f'{opt} trains best at lr {lr:g} (lowest validation caption loss): the original recipe takes it')
-    plan = recipe_plan(runs_dir, base, seeds, lr=lr)
+    plan = recipe_plan(runs_dir, base, seeds, lr=lr, arms=arms)
     train_plan(plan, command, workers, log)
     if trial is not None:   # beside the trial: the alternative optimisers' first seed
         first = int(list(seeds)[0])
@@ -173,7 +185,8 @@ def recipe_ablation(runs_dir, seeds=(0, 1, 2), data_dir=None, lr: float|None = N
     table = pd.DataFrame([dict(arm=a, seed=s, run=Path(c.output_dir).name, **run_scores(c.output_dir))
                           for (a, s), c in plan.items()])
     cfgs = [json.loads((Path(c.output_dir)/'config.json').read_text()) for c in plan.values()]
-    prov = dict(command=command, seeds=list(dict.fromkeys(s for _, s in plan)), original_lr=lr,
+    prov = dict(command=command, seeds=list(dict.fromkeys(s for _, s in plan)),
+                arms=list(dict.fromkeys(a for a, _ in plan)), original_lr=lr,
                 lr_trial=None if trial is None else trial[LR_TRIAL_COLUMNS].to_dict('records'),
                 switches=recipe_switches(base), base=train_params, data_dir=base.data_dir,
                 data_manifest=data_manifest(base.data_dir), text_init=sorted({c['text_init'] for c in cfgs}),
@@ -196,20 +209,25 @@ def recipes_markdown(table: pd.DataFrame, prov: dict) -> str:
         return s if r['arm'] == 'ours' else f"{s} ({r['diff']:+.3f}; {r['verdict']})"
     wide = comp.assign(cell=comp.apply(cell, axis=1)).pivot(index='arm', columns='metric', values='cell')
     wide = wide.loc[list(dict.fromkeys(comp['arm'])), list(METRICS)].rename(columns=_LABELS).reset_index()
+    whole = 'original' in prov.get('arms', ['original'])   # older records list no arms: they trained every one
     lr_trial = '' if not prov.get('lr_trial') else '\n'.join(
         ['', 'The learning rates tried on the first seed (the original recipe trains at the one with the lowest '
          'validation caption loss):', '',
          pd.DataFrame(prov['lr_trial']).to_markdown(index=False, floatfmt='.3f')])
     return '\n'.join([
         '# The recipe, one choice at a time', '',
-        'ALCAP trained with our recipe (`ours`), with one choice switched to the authors\' code (one row each), and '
-        'with the whole original recipe (`original`). Each cell: mean ± sd over seeds, then the mean paired '
-        'difference from ours and the verdict (the sign of the difference on every seed; see `nbs/06a_recipes.ipynb`). '
-        f"The original recipe trains at lr {prov['original_lr']:g}.", '',
+        'ALCAP trained with our recipe (`ours`) and with one choice switched at a time (one row each: to the authors\' '
+        'code, to AdamW for `adamw-*`, to bf16 autocast for `bf16`)'
+        + (', and with the whole original recipe (`original`)' if whole else '')
+        + '. Each cell: mean ± sd over seeds, then the mean paired difference from ours and the verdict (the sign of '
+        'the difference on every seed; see `nbs/06a_recipes.ipynb`). '
+        + (f"The original recipe trains at lr {prov['original_lr']:g}." if whole else ''),
+        '',
         wide.to_markdown(index=False), lr_trial, '', '## Provenance', '',
         f"- command: `{prov['command']}`",
         f"- training commands recorded by the runs: {', '.join(f'`{c}`' for c in prov['training_commands'])}",
-        f"- seeds: {prov['seeds']}", f"- data: `{prov['data_dir']}` ({json.dumps(prov['data_manifest'])})",
+        f"- seeds: {prov['seeds']}", *([f"- arms: {', '.join(prov['arms'])}"] if prov.get('arms') else []),
+        f"- data: `{prov['data_dir']}` ({json.dumps(prov['data_manifest'])})",
         f"- parameters of every run besides the arm's: {json.dumps(prov['base'])}",
         f"- model: {', '.join(prov['text_init'])}-initialised BART; hardware: {'; '.join(prov['hardware'])}",
         f"- date: {prov['date']}", ''])
@@ -240,6 +258,7 @@ def main(argv: list[str]|None = None):
     p.add_argument('--lr', type=float, help="the original recipe's lr (default: the best of --lrs, first seed)")
     p.add_argument('--lrs', type=float, nargs='+', default=list(TRIAL_LRS), help='the lrs to try')
     p.add_argument('--workers', type=int, default=1, help='runs trained at a time')
+    p.add_argument('--arms', nargs='+', help='train only these arms, and ours (every arm is compared with it)')
     p.add_argument('-p', '--param', nargs=2, action='append', default=[], metavar=('KEY', 'VALUE'),
                    help='a training parameter for every run, as papermill -p')
     p.add_argument('--results', help='write recipes.md, recipes.csv and recipes.json there')
@@ -248,7 +267,8 @@ def main(argv: list[str]|None = None):
     if args.workers < 1: raise ValueError(f'--workers {args.workers}: must be at least 1')
     params = param_pairs(args.param)
     command = shlex.join(['alcap-recipes', *(sys.argv[1:] if argv is None else argv)])
-    table = recipe_ablation(args.out, args.seeds, args.data, args.lr, args.lrs, args.workers, command, **params)
+    table = recipe_ablation(args.out, args.seeds, args.data, args.lr, args.lrs, args.workers, command,
+                            arms=args.arms, **params)
     prov = json.loads((Path(args.out).expanduser()/'recipes.json').read_text())
     if args.results:
         for name, text in [('recipes.csv', table.to_csv(index=False)), ('recipes.md', recipes_markdown(table, prov)),
