@@ -20,10 +20,11 @@ from .train import (StepWindow, TrainConfig, _autocast, build_optimizer, generat
                          seed_everything, train_loader, train_step, validate)
 
 # %% auto #0
-__all__ = ['SI_LYRICS_TOKENS', 'SI_CAPTION_TOKENS', 'SI_MAX_TOKENS', 'SIZES', 'HEADLINE', 'si_shaped_songs', 'si_tokenizer',
-           'train_flops', 'si_model', 'regime_config', 'regime_collator', 'matmul_peak_tflops', 'measure_training',
-           'measure_loader', 'measure_generation', 'profile_training', 'versions', 'version_warnings', 'smoke_check',
-           'run_benchmarks', 'limits', 'benchmarks_markdown', 'main', 'regime_losses', 'converge_both']
+__all__ = ['SI_LYRICS_TOKENS', 'SI_CAPTION_TOKENS', 'SI_MAX_TOKENS', 'SIZES', 'REGIMES', 'HEADLINE', 'si_shaped_songs',
+           'si_tokenizer', 'train_flops', 'si_model', 'regime_config', 'regime_collator', 'matmul_peak_tflops',
+           'measure_training', 'measure_loader', 'measure_generation', 'profile_training', 'versions',
+           'version_warnings', 'smoke_check', 'run_benchmarks', 'limits', 'benchmarks_markdown', 'main',
+           'regime_losses', 'converge_both']
 
 # %% ../nbs/08_benchmarks.ipynb #9c772546
 SI_LYRICS_TOKENS, SI_CAPTION_TOKENS, SI_MAX_TOKENS = (351, 186,
@@ -108,17 +109,22 @@ def si_model(size: str, tokenizer, d_m: int, method: str = 'alcap'):
     return AlcapForConditionalGeneration.from_bart_config(base, method=method, alpha=alpha, d_music=d_m,
                                                           fusion_layers=fusion, fusion_scale=0.1)
 
+REGIMES = ('reference', 'ours', 'defaults')
+
 def regime_config(regime: str, size: str, torch_compile: bool = False) -> TrainConfig:
-    "The trainer configuration of the 'reference' regime (the original code's) or 'ours' (our fast path: AdamW)."
-    if regime not in ('reference', 'ours'): raise ValueError(f"regime={regime!r}: must be 'reference' or 'ours'")
-    p, ref = SIZES[size], regime == 'reference'
-    max_len = _max_len(p)
+    """The trainer configuration of the 'reference' regime (the original code's), 'ours' (our fast path: AdamW,
+    length-grouped batches, bf16 on a GPU) or 'defaults' (every recipe choice at the trainer's default)."""
+    if regime not in REGIMES: raise ValueError(f"regime={regime!r}: must be one of {REGIMES}")
+    p, max_len = SIZES[size], _max_len(SIZES[size])
+    own = {'reference': dict(optimizer='adafactor', precision='fp32', grad_clip=0.0, num_workers=0, do_sample=True,
+                             batching='shuffle'),
+           'ours': dict(optimizer='adamw', precision='auto', grad_clip=1.0, batching='length', do_sample=False,
+                        torch_compile=torch_compile),
+           'defaults': dict(do_sample=False)}[regime]   # captions as ours: beam search
     c = TrainConfig(method='alcap', alpha=0.02, text_init='random', model_size='base' if size == 'full' else 'tiny',
                     batch_size=p['batch_size'], lr=5e-5, warmup_steps=0, schedule='constant', max_source_len=max_len,
-                    max_target_len=max_len, num_beams=p['num_beams'], max_new_tokens=p['max_new_tokens'],
-                    optimizer='adafactor' if ref else 'adamw', precision='fp32' if ref else 'auto',
-                    grad_clip=0.0 if ref else 1.0, num_workers=0 if ref else None, do_sample=ref, top_p=0.92,
-                    torch_compile=torch_compile and not ref)
+                    max_target_len=max_len, num_beams=p['num_beams'], max_new_tokens=p['max_new_tokens'], top_p=0.92,
+                    **own)
     return validate(c.resolve(), check_files=False)
 
 def regime_collator(regime: str, c: TrainConfig, tokenizer) -> Collator:
@@ -452,7 +458,7 @@ class _Workload:
                                 torch_compile=compiled)
         warmup = self.p['warmup'] if warmup is None else warmup
         r = measure_training(self.model, self.ds['train'], self.col[regime], c, self.device, steps or self.p['steps'],
-                             warmup, time_cap=cap, grouped=regime == 'ours', seed=self.seed)
+                             warmup, time_cap=cap, grouped=c.batching == 'length', seed=self.seed)
         peak = (self.run.R.get('peak') or {}).get('tflops')
         r['mfu'] = round(r['flops_per_s'] / (peak * 1e12), 4) if peak else None
         r.pop('losses')
@@ -468,8 +474,8 @@ def _workload(run: _Run, device, size: str, seed: int, tok, ds: dict) -> _Worklo
     else: shape = 'tiny BART (2+2 layers, d_model 64)'
     run.R['model'] = (f"{shape}, random init, ALCAP (fusion after encoder layers {model.config.fusion_positions()}, "
                       f"alpha 0.02), {sum(x.numel() for x in model.parameters()) / 1e6:.1f} M parameters")
-    cfg = {r: regime_config(r, size) for r in ('reference', 'ours')}
-    col = {r: regime_collator(r, cfg[r], tok) for r in ('reference', 'ours')}
+    cfg = {r: regime_config(r, size) for r in REGIMES}
+    col = {r: regime_collator(r, cfg[r], tok) for r in REGIMES}
     return _Workload(run, device, size, seed, tok, ds, model, init, cfg, col)
 
 # %% ../nbs/08_benchmarks.ipynb #d46f8ce1
@@ -487,6 +493,11 @@ def _training_phases(w: _Workload) -> dict|None:
         R.update(train_samples_per_s=ours['samples_per_s'], train_mfu=ours['mfu'],
                  train_tokens_per_s=ours['tokens_per_s'])
         if ref: R['train_speedup'] = round(ours['samples_per_s'] / ref['samples_per_s'], 2)
+    dflt = w.run.phase("training, the trainer's defaults", w.need(30), lambda: w.train('defaults', cap=30))
+    if dflt:
+        train['defaults'] = dflt
+        R['defaults_train_samples_per_s'] = dflt['samples_per_s']
+        if ref: R['defaults_train_speedup'] = round(dflt['samples_per_s'] / ref['samples_per_s'], 2)
     return ours
 
 # %% ../nbs/08_benchmarks.ipynb #08e02251
@@ -688,6 +699,11 @@ def benchmarks_markdown(R: dict) -> str:
         "included) | "
         f"{_f(ref.get('samples_per_s'))} | {_f(ours.get('samples_per_s'))} | {_f(R.get('train_speedup'), 2, 'x')} |"
     )
+    dflt = tr.get('defaults') or {}
+    if dflt:
+        lines.append(f"| training with the trainer's defaults ({dflt.get('optimizer')}, uniform batches, "
+                     f"{dflt.get('precision')}), samples/s | | {_f(dflt.get('samples_per_s'))} | "
+                     f"{_f(R.get('defaults_train_speedup'), 2, 'x')} |")
     lines.append(
         f"| training tokens/s (real tokens) | {_f(ref.get('tokens_per_s'), 0)} | {_f(ours.get('tokens_per_s'), 0)} | |"
     )
@@ -714,8 +730,8 @@ def benchmarks_markdown(R: dict) -> str:
         f"| generation peak memory, GB | {_f(gr.get('peak_memory_gb'), 2)} | {_f(go.get('peak_memory_gb'), 2)} | |")
     lines += ['', '## What limits it now', ''] + [f'- {s}' for s in limits(R)]
     lines += ['', '## Details', '']
-    rows = [('training, reference', ref), ('training, ours', ours)] + [
-        (f"training, ours, batch {r['batch_size']}", r) for r in tr.get('batch_sizes', [])[1:]]
+    rows = [('training, reference', ref), ('training, ours', ours), ("training, the trainer's defaults", dflt)]
+    rows += [(f"training, ours, batch {r['batch_size']}", r) for r in tr.get('batch_sizes', [])[1:]]
     if tr.get('ours_compiled'): rows.append(('training, ours, torch.compile', tr['ours_compiled']))
     keys = ('batch_size', 'steps', 'warmup_steps', 'seconds', 'samples_per_s', 'tokens_per_s', 'mfu',
             'padding_fraction', 'distinct_shapes', 'precision', 'optimizer', 'peak_memory_gb', 'final_loss', 'error')
