@@ -17,7 +17,7 @@ from .core import atomic_write, hardware
 from .data import Collator, LengthGroupedBatchSampler, Song, SongDataset, train_bpe_tokenizer
 from .model import AlcapForConditionalGeneration, bart_base_config, tiny_bart_config
 from .train import (StepWindow, TrainConfig, _autocast, build_optimizer, generate_captions, save_checkpoint,
-                         seed_everything, train_loader, train_step, validate)
+                         seed_everything, train_loader, train_step, uses_bf16, validate)
 
 # %% auto #0
 __all__ = ['SI_LYRICS_TOKENS', 'SI_CAPTION_TOKENS', 'SI_MAX_TOKENS', 'SIZES', 'REGIMES', 'HEADLINE', 'si_shaped_songs',
@@ -210,9 +210,7 @@ def measure_training(model, dataset, collate, c: TrainConfig, device, steps: int
         flops_per_s=n['flops'] / dt,
         padding_fraction=round(1 - n['tokens'] / n['padded'], 3),
         distinct_shapes=len(shapes),
-        precision='bf16 autocast'
-        if (c.precision == 'bf16' or (c.precision == 'auto' and device.type == 'cuda'))
-        else 'fp32',
+        precision='bf16 autocast' if uses_bf16(c.precision, device.type == 'cuda') else 'fp32',
         optimizer=f"{c.optimizer}{' (fused)' if c.optimizer == 'adamw' and device.type == 'cuda' else ''}",
         peak_memory_gb=_peak_gb(device),
         final_loss=round(float(np.mean([r['loss'] for r in rows[-10:]])), 4) if rows else None,
@@ -253,7 +251,7 @@ def measure_generation(model, dataset, tokenizer, collate, c: TrainConfig, devic
                 new_tokens_per_song=round(tokens / songs, 1), tokens_per_s=round(tokens / dt),
                 songs_per_s=round(songs / dt, 2), num_beams=c.num_beams, max_new_tokens=c.max_new_tokens,
                 do_sample=c.do_sample,
-                precision='fp32' if c.precision == 'fp32' or device.type != 'cuda' else 'bf16 autocast',
+                precision='bf16 autocast' if uses_bf16(c.precision, device.type == 'cuda') else 'fp32',
                 peak_memory_gb=_peak_gb(device))
 
 # %% ../nbs/08_benchmarks.ipynb #de936cf4

@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 
 from .core import atomic_write, param_pairs, repo_root, save_png, user_errors
 from .train import (RECIPES, TrainConfig, _check_same_run, check_train_params, data_manifest, train,
-                         validate)
+                         uses_bf16, validate)
 from .runs import finished_run
 
 # %% auto #0
@@ -67,8 +67,8 @@ def recipe_plan(runs_dir, base: TrainConfig, seeds=(0, 1, 2), lr: float|None = N
     if not seeds: raise ValueError('seeds: give at least one')
     runs_dir = Path(runs_dir).expanduser().resolve()
     cuda = torch.cuda.is_available() if cuda is None else cuda
-    opt, precision = base.resolve().optimizer, base.resolve().precision
-    fp32 = precision == 'fp32' or (precision == 'auto' and not cuda)   # then bf16 autocast is an arm
+    ours = base.resolve()
+    opt, fp32 = ours.optimizer, not uses_bf16(ours.precision, cuda)   # training in fp32: bf16 autocast is an arm
     if lr is None and arms is None:
         todo = [(f'{opt}-lr{x:g}', seeds[0], {'lr': float(x)}, f'{opt}-lr{x:g}') for x in lrs]
     else:

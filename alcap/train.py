@@ -33,11 +33,11 @@ __all__ = ['DATASETS', 'DEMO_N', 'OPTIMIZERS', 'SCHEDULES', 'TEXT_INITS', 'MODEL
            'TrainConfig', 'validate', 'check_train_params', 'Dist', 'setup_distributed', 'seed_everything',
            'load_dataset_songs', 'ensure_features', 'fusion_layers', 'build_model', 'build_optimizer', 'save_torch',
            'save_checkpoint', 'load_checkpoint', 'generation_kwargs', 'generation_settings', 'generate_captions',
-           'CsvLog', 'run_tokenizer', 'write_captions', 'data_manifest', 'same_data', 'Run', 'load_run_data',
-           'train_sampler', 'recipe_batch', 'add_model', 'nothing_to_train', 'write_run_config', 'attach_loop',
-           'default_num_workers', 'train_loader', 'contrast_weight', 'train_step', 'StepWindow', 'train_epoch',
-           'validation_losses', 'generation_scores', 'validate_epoch', 'end_epoch', 'finish_run', 'inference_settings',
-           'finish', 'train', 'train_cli']
+           'uses_bf16', 'CsvLog', 'run_tokenizer', 'write_captions', 'data_manifest', 'same_data', 'Run',
+           'load_run_data', 'train_sampler', 'recipe_batch', 'add_model', 'nothing_to_train', 'write_run_config',
+           'attach_loop', 'default_num_workers', 'train_loader', 'contrast_weight', 'train_step', 'StepWindow',
+           'train_epoch', 'validation_losses', 'generation_scores', 'validate_epoch', 'end_epoch', 'finish_run',
+           'inference_settings', 'finish', 'train', 'train_cli']
 
 # %% ../nbs/03_train.ipynb #3244ccbe
 DATASETS = ('demo', 'si-full', 'si-votes-ge0', 'si-votes-gt0', 'ncm', 'jsonl')
@@ -468,9 +468,13 @@ def generate_captions(model, dataset: SongDataset, tokenizer, collate, c: TrainC
     if stats is not None: stats.update(new_tokens=new_tokens, captions=len(idx), batch_size=batch_size)
     return [out[i] for i in idx]
 
+def uses_bf16(precision: str, cuda: bool) -> bool:
+    "Whether a run at `precision` autocasts to bf16: 'auto' on a GPU only, 'bf16' on any device, never 'fp32'."
+    return precision == 'bf16' or (precision == 'auto' and cuda)
+
 def _autocast(c: TrainConfig, device):
-    "bf16 autocast: 'auto' on a GPU only, 'bf16' on any device (CPUs too, for tests), never with 'fp32'."
-    use = c.precision == 'bf16' or (c.precision == 'auto' and device.type == 'cuda')
+    "bf16 autocast where `uses_bf16` says so (CPUs too with 'bf16', for tests), else nothing."
+    use = uses_bf16(c.precision, device.type == 'cuda')
     return torch.autocast(device.type, dtype=torch.bfloat16) if use else nullcontext()
 
 # %% ../nbs/03_train.ipynb #7d91e147
