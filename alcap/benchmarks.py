@@ -16,8 +16,8 @@ from torch.profiler import ProfilerActivity, profile
 from .core import atomic_write, hardware
 from .data import Collator, LengthGroupedBatchSampler, Song, SongDataset, train_bpe_tokenizer
 from .model import AlcapForConditionalGeneration, bart_base_config, tiny_bart_config
-from .train import (StepWindow, TrainConfig, _autocast, build_optimizer, generate_captions, save_checkpoint,
-                         seed_everything, train_loader, train_step, uses_bf16, validate)
+from .train import (StepWindow, TrainConfig, _autocast, build_optimizer, generate_captions, lm_head_args,
+                         save_checkpoint, seed_everything, train_loader, train_step, uses_bf16, validate)
 
 # %% auto #0
 __all__ = ['SI_LYRICS_TOKENS', 'SI_CAPTION_TOKENS', 'SI_MAX_TOKENS', 'SIZES', 'REGIMES', 'HEADLINE', 'si_shaped_songs',
@@ -117,9 +117,9 @@ def regime_config(regime: str, size: str, torch_compile: bool = False) -> TrainC
     if regime not in REGIMES: raise ValueError(f"regime={regime!r}: must be one of {REGIMES}")
     p, max_len = SIZES[size], _max_len(SIZES[size])
     own = {'reference': dict(optimizer='adafactor', precision='fp32', grad_clip=0.0, num_workers=0, do_sample=True,
-                             batching='shuffle'),
+                             batching='shuffle', lm_head='all'),
            'ours': dict(optimizer='adamw', precision='auto', grad_clip=1.0, batching='length', do_sample=False,
-                        torch_compile=torch_compile),
+                        torch_compile=torch_compile, lm_head='labels'),
            'defaults': dict(do_sample=False)}[regime]   # captions as ours: beam search
     c = TrainConfig(method='alcap', alpha=0.02, text_init='random', model_size='base' if size == 'full' else 'tiny',
                     batch_size=p['batch_size'], lr=5e-5, warmup_steps=0, schedule='constant', max_source_len=max_len,
@@ -798,20 +798,23 @@ if __name__ == '__main__': main()
 
 # %% ../nbs/08_benchmarks.ipynb #532b844c
 def regime_losses(items, tokenizer, size: str = 'tiny', d_m: int|None = None, seed: int = 0) -> dict:
-    "The loss of one batch of `items` under the reference path (max padding, fp32) and ours (buckets, bf16 autocast)."
+    """The loss of one batch of `items` on the reference path (max padding, fp32, every position through the LM head)
+    and ours (buckets, bf16 autocast, the label tokens only)."""
     seed_everything(seed)
     model = si_model(size, tokenizer, d_m or SIZES[size]['d_m']).eval()
-    out = {}
+    out, cpu = {}, torch.device('cpu')
     for regime, precision in (('reference', 'fp32'), ('ours', 'bf16')):
         c = dataclasses.replace(regime_config(regime, size), precision=precision)
         b = regime_collator(regime, c, tokenizer)(items)
-        with torch.no_grad(), _autocast(c, torch.device('cpu')): out[regime] = float(model(**b).loss)
+        head = lm_head_args(b['labels'], c, cpu)
+        with torch.no_grad(), _autocast(c, cpu): out[regime] = float(model(**b, **head).loss)
         out[f'{regime}_shape'] = (tuple(b['input_ids'].shape), tuple(b['labels'].shape))
     return out
 
 # %% ../nbs/08_benchmarks.ipynb #c9a10e09
 def converge_both(steps: int = 200, seed: int = 0, scale: float = 1 / 16) -> dict:
-    "Mean loss of the last 20 of `steps` tiny training steps on a CPU: ours (buckets, bf16), fp32 with maximal padding."
+    """Mean loss of the last 20 of `steps` tiny training steps on a CPU: ours (buckets, bf16, the LM head on the label
+    tokens), fp32 with maximal padding and every position through the LM head."""
     p = SIZES['tiny']
     songs = si_shaped_songs(p['n_train'], seed, scale=scale)
     tok = si_tokenizer(songs, vocab_size=300)
@@ -823,7 +826,7 @@ def converge_both(steps: int = 200, seed: int = 0, scale: float = 1 / 16) -> dic
         seed_everything(seed)
         model = si_model('tiny', tok, p['d_m'])
         c = dataclasses.replace(regime_config('ours', 'tiny'), precision=precision, lr=1e-3, num_workers=0,
-                                max_source_len=n, max_target_len=n)
+                                max_source_len=n, max_target_len=n, lm_head='labels' if regime == 'ours' else 'all')
         col = regime_collator(regime, c, tok)
         r = measure_training(model, ds, col, c, torch.device('cpu'), steps, warmup=0, grouped=True, seed=seed)
         res[regime] = dict(

@@ -209,7 +209,7 @@ class AlcapForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
     def forward(self, input_ids=None, attention_mask=None, labels=None, music_features=None, music_attention_mask=None,
                 song_ids=None, decoder_input_ids=None, decoder_attention_mask=None, encoder_outputs=None, cache=None,
                 use_cache=None, output_fusion_attentions=False, num_items_in_batch=None, past_key_values=None,
-                **kwargs):
+                label_index=None, **kwargs):
         cache = cache if cache is not None else past_key_values   # generate() of transformers < 5.2x uses the old name
         if labels is not None and decoder_input_ids is None:
             decoder_input_ids = shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
@@ -219,12 +219,16 @@ class AlcapForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
         dec = self.model.decoder(input_ids=decoder_input_ids, attention_mask=decoder_attention_mask,
                                  encoder_hidden_states=encoder_outputs.last_hidden_state,
                                  encoder_attention_mask=attention_mask, use_cache=use_cache, **{CACHE_NAME: cache})
-        logits = self.lm_head(dec.last_hidden_state) + self.final_logits_bias.to(dec.last_hidden_state.dtype)
+        hidden = dec.last_hidden_state
+        if label_index is not None:   # label_index: the LM head runs on those positions of labels.flatten() only
+            hidden = hidden.flatten(0, 1).index_select(0, label_index)
+        logits = self.lm_head(hidden) + self.final_logits_bias.to(hidden.dtype)
         loss = loss_cap = loss_contrast = None
         if labels is not None:                         # eq. (3), a mean per real label token (label pads are -100)
+            y = labels.flatten() if label_index is None else labels.flatten().index_select(0, label_index)
             # num_items_in_batch: the label-token count of the *global* batch (several processes or accumulation
             # steps), so that every token weighs the same however the batch is split
-            ce = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction='sum')
+            ce = F.cross_entropy(logits.flatten(0, -2).float(), y, ignore_index=-100, reduction='sum')
             n_tokens = num_items_in_batch if num_items_in_batch is not None else labels.ne(-100).sum().clamp_min(1)
             loss = loss_cap = ce / n_tokens
             if self.contrast is not None and getattr(encoder_outputs, 'h_t', None) is not None:

@@ -28,22 +28,24 @@ from .losses import info_nce_log_n
 from .metrics import compute_metrics
 
 # %% auto #0
-__all__ = ['DATASETS', 'DEMO_N', 'OPTIMIZERS', 'SCHEDULES', 'TEXT_INITS', 'MODEL_SIZES', 'PRECISIONS', 'PRESETS', 'OPTIMIZER_LRS',
-           'RECIPES', 'RECIPE_OPTIONS', 'BEST_METRICS', 'GENERATION_PARAMS', 'STEP_FIELDS', 'EPOCH_FIELDS',
-           'TrainConfig', 'validate', 'check_train_params', 'Dist', 'setup_distributed', 'seed_everything',
-           'load_dataset_songs', 'ensure_features', 'fusion_layers', 'build_model', 'build_optimizer', 'save_torch',
-           'save_checkpoint', 'load_checkpoint', 'generation_kwargs', 'generation_settings', 'generate_captions',
-           'uses_bf16', 'CsvLog', 'run_tokenizer', 'write_captions', 'data_manifest', 'same_data', 'Run',
-           'load_run_data', 'train_sampler', 'recipe_batch', 'add_model', 'nothing_to_train', 'write_run_config',
-           'attach_loop', 'default_num_workers', 'train_loader', 'contrast_weight', 'train_step', 'StepWindow',
-           'train_epoch', 'validation_losses', 'generation_scores', 'validate_epoch', 'end_epoch', 'finish_run',
-           'inference_settings', 'finish', 'train', 'train_cli']
+__all__ = ['DATASETS', 'DEMO_N', 'OPTIMIZERS', 'SCHEDULES', 'TEXT_INITS', 'MODEL_SIZES', 'PRECISIONS', 'LM_HEADS', 'PRESETS',
+           'OPTIMIZER_LRS', 'RECIPES', 'RECIPE_OPTIONS', 'BEST_METRICS', 'GENERATION_PARAMS', 'STEP_FIELDS',
+           'EPOCH_FIELDS', 'TrainConfig', 'validate', 'check_train_params', 'Dist', 'setup_distributed',
+           'seed_everything', 'load_dataset_songs', 'ensure_features', 'fusion_layers', 'build_model',
+           'build_optimizer', 'save_torch', 'save_checkpoint', 'load_checkpoint', 'generation_kwargs',
+           'generation_settings', 'generate_captions', 'uses_bf16', 'CsvLog', 'run_tokenizer', 'write_captions',
+           'data_manifest', 'same_data', 'Run', 'load_run_data', 'train_sampler', 'recipe_batch', 'add_model',
+           'nothing_to_train', 'write_run_config', 'attach_loop', 'default_num_workers', 'train_loader',
+           'contrast_weight', 'lm_head_args', 'train_step', 'StepWindow', 'train_epoch', 'validation_losses',
+           'generation_scores', 'validate_epoch', 'end_epoch', 'finish_run', 'inference_settings', 'finish', 'train',
+           'train_cli']
 
 # %% ../nbs/03_train.ipynb #3244ccbe
 DATASETS = ('demo', 'si-full', 'si-votes-ge0', 'si-votes-gt0', 'ncm', 'jsonl')
 DEMO_N = 240      # the demo's quick default: songs generated when neither demo_n nor a data_dir holding one is given
 OPTIMIZERS, SCHEDULES = ('adamw', 'adafactor', 'adafactor-hf'), ('constant', 'linear', 'cosine')
 TEXT_INITS, MODEL_SIZES, PRECISIONS = ('pretrained', 'random'), ('tiny', 'base'), ('auto', 'bf16', 'fp32')
+LM_HEADS = ('auto', 'labels', 'all')
 
 PRESETS = {
     # a small random-init BART that learns the demo in minutes on 2 CPU cores
@@ -149,6 +151,9 @@ class TrainConfig:
     num_workers: int|None = None          # data-loading processes (None: 4 on a GPU, so collation overlaps the step;
                                           # 0 on a CPU)
     torch_compile: bool = False           # GPU only: torch.compile the training forward/backward (minutes of warm-up)
+    lm_head: str = 'auto'                 # where the LM head runs in training and validation: 'labels' (the label
+                                          # tokens only), 'all' (every decoder position, as the original) or 'auto'
+                                          # (labels on a GPU, all on a CPU); the same loss up to float rounding
 
     @property
     def preset(self) -> str: return 'demo' if self.dataset in ('demo', 'jsonl') else 'si'
@@ -198,7 +203,8 @@ def _check_choices(c: TrainConfig):
         if not getattr(c, k) >= 0: raise ValueError(f"parameter {k}={getattr(c, k)!r}: must be >= 0")
     for name, options in dict(dataset=DATASETS, method=METHODS, similarity=SIMILARITIES, optimizer=OPTIMIZERS,
                               schedule=SCHEDULES, text_init=TEXT_INITS, model_size=MODEL_SIZES,
-                              precision=PRECISIONS, music_encoder=ENCODERS, pairing=PAIRINGS).items():
+                              precision=PRECISIONS, music_encoder=ENCODERS, pairing=PAIRINGS,
+                              lm_head=LM_HEADS).items():
         _choice(name, getattr(c, name), options)
     if not (isinstance(c.alpha, (int, float)) and math.isfinite(c.alpha) and c.alpha >= 0):
         raise ValueError(f"parameter alpha={c.alpha!r}: must be a number >= 0")
@@ -519,7 +525,8 @@ def write_captions(path, songs, predictions):
     atomic_write(path, buf.getvalue())
 
 # %% ../nbs/03_train.ipynb #64f68bed
-_RUN_KEYS_ALLOWED_TO_CHANGE = {'output_dir', 'max_steps', 'num_workers', 'save_every', 'torch_compile'}
+# how the steps are computed, not what they compute: a run may resume with other values
+_RUN_KEYS_ALLOWED_TO_CHANGE = {'output_dir', 'max_steps', 'num_workers', 'save_every', 'torch_compile', 'lm_head'}
 
 def data_manifest(data_dir) -> dict|None:
     "The dataset's `dataset.json` (a run records it as what it was trained on), or None for data without one."
@@ -684,14 +691,24 @@ def contrast_weight(c: TrainConfig, n_counted, n_positions):
     if c.alpha_scale == 'positions': return c.alpha * n_positions / n_counted
     return n_counted.new_tensor(c.alpha, dtype=torch.float)
 
+def lm_head_args(labels, c: TrainConfig, device) -> dict:
+    "`label_index` for the model (`labels`' real tokens, found on the CPU) when `c.lm_head` wants it; else nothing."
+    on = c.lm_head == 'labels' or (c.lm_head == 'auto' and device.type == 'cuda')
+    if not on or c.caption_loss == 'positions': return {}   # 'positions': every position is a label, none to skip
+    idx = labels.flatten().ne(-100).nonzero().squeeze(1)
+    # pinned, so that the copy does not wait for the GPU's queue as one from pageable memory would
+    if device.type == 'cuda': idx = idx.pin_memory()
+    return dict(label_index=idx.to(device, non_blocking=True))
+
 def train_step(fwd, model, batch, opt, sched, c: TrainConfig, device, world: int = 1) -> dict:
     "One optimiser step of `fwd` (the model, its DDP or compiled wrapper); the global batch's losses as tensors."
+    head = lm_head_args(batch['labels'], c, device)
     batch = recipe_batch({k: v.to(device, non_blocking=True) for k, v in batch.items()}, c, model.config.pad_token_id)
     y = batch['labels']
     counts = torch.stack([y.ne(-100).sum(), y.new_tensor(len(y) * c.max_target_len)])  # label tokens, positions
     if world > 1: dist.all_reduce(counts)
     n_tok, n_pos = counts[0], counts[1]
-    with _autocast(c, device): o = fwd(**batch, num_items_in_batch=n_tok)
+    with _autocast(c, device): o = fwd(**batch, num_items_in_batch=n_tok, **head)
     alpha = contrast_weight(c, n_tok, n_pos) if o.loss_contrast is not None else None
     loss = o.loss_cap if alpha is None else o.loss_cap + alpha * o.loss_contrast
     (loss * world).backward()
@@ -784,9 +801,10 @@ def validation_losses(model, dataset, collate, c: TrainConfig, device, batch_siz
     for b in torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
                                          generator=torch.Generator()):
         # lyrics padded as training padded them; labels not: val_loss_cap is the real-token mean under both recipes
+        head = lm_head_args(b['labels'], c, device)
         b = recipe_batch({k: v.to(device) for k, v in b.items()}, c, model.config.pad_token_id, labels=False)
         n = int(b['labels'].ne(-100).sum())
-        with _autocast(c, device): out = model(**b)
+        with _autocast(c, device): out = model(**b, **head)
         tot['cap'] += float(out.loss_cap) * n
         tot['tokens'] += n
         if out.loss_contrast is not None:
