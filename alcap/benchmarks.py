@@ -12,17 +12,19 @@ import numpy as np
 import torch
 import transformers
 from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from .core import atomic_write, hardware
 from .data import Collator, LengthGroupedBatchSampler, Song, SongDataset, train_bpe_tokenizer
 from .model import AlcapForConditionalGeneration, bart_base_config, tiny_bart_config
-from .train import (StepWindow, TrainConfig, _autocast, build_optimizer, generate_captions, lm_head_args,
+from .train import (StepWindow, TrainConfig, _autocast, build_optimizer, generate_captions, host_indices,
                          save_checkpoint, seed_everything, train_loader, train_step, uses_bf16, validate)
 
 # %% auto #0
 __all__ = ['SI_LYRICS_TOKENS', 'SI_CAPTION_TOKENS', 'SI_MAX_TOKENS', 'SIZES', 'REGIMES', 'HEADLINE', 'si_shaped_songs',
            'si_tokenizer', 'train_flops', 'si_model', 'regime_config', 'regime_collator', 'matmul_peak_tflops',
-           'measure_training', 'measure_loader', 'measure_generation', 'profile_training', 'versions',
+           'measure_training', 'measure_loader', 'measure_generation', 'profile_training', 'host_syncs', 'versions',
            'version_warnings', 'smoke_check', 'run_benchmarks', 'limits', 'benchmarks_markdown', 'main',
            'regime_losses', 'converge_both']
 
@@ -295,6 +297,47 @@ def profile_training(model, dataset, collate, c: TrainConfig, device, steps: int
         top=[dict(name=n[:90], share=round(t / total, 3), ms_per_step=round(t / 1e3 / steps, 2)) for n, t in top],
         table=events.table(sort_by=sort_by, row_limit=15, max_name_column_width=60))
 
+# %% ../nbs/08_benchmarks.ipynb #c4f2e1b8
+_SYNC_OPS = ('_local_scalar_dense', 'nonzero', 'masked_select', '_unique2', 'unique_dim', 'unique_consecutive')
+
+def _call_site() -> str:
+    "The innermost caller outside torch, and the innermost of ours when that is a library."
+    frames = [f for f in traceback.extract_stack()[:-2] if '/torch/' not in f.filename]
+    def short(f): return f"{f.filename.split('site-packages/')[-1].split('/alcap/')[-1]}:{f.lineno}"
+    ours = [f for f in frames if '/alcap/' in f.filename and not f.filename.endswith('benchmarks.py')]
+    if not frames: return '?'
+    site = short(frames[-1])
+    return site if not ours or ours[-1] is frames[-1] else f'{site} via {short(ours[-1])}'
+
+class _SyncSpy(TorchDispatchMode):
+    "Counts the operations that read a value, or a data-dependent size, back from tensors on `device`."
+    def __init__(self, device):
+        super().__init__()
+        self.device, self.sites = device, {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        boolean = name in ('index', 'index_put', 'index_put_') and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1])
+        if name in _SYNC_OPS or boolean:
+            if any(t.device.type == self.device.type for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)):
+                key = (name if not boolean else f'{name} (boolean mask)', _call_site())
+                self.sites[key] = self.sites.get(key, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+def host_syncs(model, dataset, collate, c: TrainConfig, device, seed: int = 0) -> dict:
+    "Where one of the trainer's steps of `c` makes the host wait for `device` (after one step of warm-up)."
+    sampler = LengthGroupedBatchSampler(dataset.lengths, c.batch_size, shuffle=True, seed=seed)
+    opt, sched = build_optimizer(c, model, 3)
+    model.train()
+    batches = _epochs(dataset, sampler, collate, c, device)
+    train_step(model, model, next(batches), opt, sched, c, device)
+    batch = next(batches)
+    with _SyncSpy(device) as spy: train_step(model, model, batch, opt, sched, c, device)
+    _sync(device)
+    sites = [dict(op=op, site=site, count=n) for (op, site), n in sorted(spy.sites.items(), key=lambda x: -x[1])]
+    return dict(total=sum(spy.sites.values()), sites=sites)
+
 # %% ../nbs/08_benchmarks.ipynb #65222951
 def versions() -> dict:
     "Versions of what the benchmark runs with, the GPU and the repository commit."
@@ -540,6 +583,10 @@ def _where_time_goes(w: _Workload):
         return profile_training(w.model, w.ds['train'], w.col['ours'], w.cfg['ours'], w.device, w.p['profile_steps'],
                                 w.seed)
     w.run.R['profile'] = w.run.phase('profile of ours', w.need(15), profile_ours)
+    def syncs_ours():
+        w.model.load_state_dict(w.init)
+        return host_syncs(w.model, w.ds['train'], w.col['ours'], w.cfg['ours'], w.device, w.seed)
+    w.run.R['syncs'] = w.run.phase('host syncs of one step of ours', w.need(5), syncs_ours)
     batches = 50 if w.size == 'full' else 5
     w.run.R['loader'] = w.run.phase('data loader alone', w.need(5),
                                     lambda: measure_loader(w.ds['train'], w.col['ours'], w.cfg['ours'], w.device,
@@ -593,7 +640,9 @@ def _extra_phases(w: _Workload, g: dict|None, torch_compile: bool):
                 R['notes'].append(f"generation at batch 256 took {g2['seconds']} s against {g['seconds']} s "
                                   "at batch 128 (the default)")
     if torch_compile:
-        r = w.run.phase('training, ours, torch.compile', 150, lambda: w.train('ours', cap=60, compiled=True))
+        # the cap counts the compiling warm-up too: leave the timed steps what the budget still holds
+        r = w.run.phase('training, ours, torch.compile', 150,
+                        lambda: w.train('ours', cap=max(60, w.run.left() - 30), compiled=True))
         if r: R['train']['ours_compiled'] = r
 
 # %% ../nbs/08_benchmarks.ipynb #eaf9a97e
@@ -651,6 +700,11 @@ def limits(R: dict) -> list[str]:
             out.append(f"The GPU is busy {_f(100 * busy, 0)}% of the profiled steps' wall time{why}.")
         kinds = ', '.join(f'{k} {_f(100 * v, 0)}%' for k, v in prof['time_by_kind'].items())
         out.append(f"Time by kind of work ({'device' if R.get('device') == 'cuda' else 'CPU'} time): {kinds}.")
+    s = R.get('syncs')
+    if s and s['total']:
+        where = '; '.join(f"{x['op']} at {x['site']} (x{x['count']})" for x in s['sites'][:6])
+        out.append(f"One step of ours makes the host wait for the {'GPU' if R.get('device') == 'cuda' else 'CPU'} "
+                   f"{s['total']} times, each emptying the queue of work ahead of it: {where}.")
     if R.get('loader') and ours:
         out.append(f"The data loader alone delivers {_f(R['loader']['samples_per_s'], 0)} samples/s, "
                    f"{_f(R['loader']['samples_per_s'] / max(ours['samples_per_s'], 1e-9), 1)}x what training consumes.")
@@ -806,7 +860,7 @@ def regime_losses(items, tokenizer, size: str = 'tiny', d_m: int|None = None, se
     for regime, precision in (('reference', 'fp32'), ('ours', 'bf16')):
         c = dataclasses.replace(regime_config(regime, size), precision=precision)
         b = regime_collator(regime, c, tokenizer)(items)
-        head = lm_head_args(b['labels'], c, cpu)
+        head = host_indices(b, c, cpu)
         with torch.no_grad(), _autocast(c, cpu): out[regime] = float(model(**b, **head).loss)
         out[f'{regime}_shape'] = (tuple(b['input_ids'].shape), tuple(b['labels'].shape))
     return out

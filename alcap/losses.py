@@ -73,13 +73,15 @@ class InfoNCE(nn.Module):
         "Pooled and projected (z_m, z_t), each (B, proj_dim)."
         return self.proj_m(masked_mean(h_m, music_mask)), self.proj_t(masked_mean(h_t, text_mask))
 
-    def forward(self, h_m, h_t, music_mask=None, text_mask=None, song_ids=None):
+    def forward(self, h_m, h_t, music_mask=None, text_mask=None, song_ids=None, keep_index=None):
+        "The named losses; `keep_index`: the rows 'drop' keeps, when the caller knows them (one process only)."
         z_m, z_t = self.embed(h_m, h_t, music_mask, text_mask)
         if self.training:  # under DDP, negatives from every process (evaluation may run in one process alone)
             z_m, z_t = gather_with_grad(z_m), gather_with_grad(z_t)
             if song_ids is not None: song_ids = gather_with_grad(song_ids)
         if song_ids is not None and self.duplicates == 'drop':
-            keep = first_occurrence(song_ids)
+            # an index found on the host selects the same rows as the mask without reading the mask back from a GPU
+            keep = keep_index if keep_index is not None else first_occurrence(song_ids)
             z_m, z_t, song_ids = z_m[keep], z_t[keep], None
         s = info_nce_logits(z_m, z_t, self.similarity, self.tau)
         if song_ids is not None:  # 'mask': another copy of my song is neither my positive nor my negative

@@ -209,7 +209,7 @@ class AlcapForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
     def forward(self, input_ids=None, attention_mask=None, labels=None, music_features=None, music_attention_mask=None,
                 song_ids=None, decoder_input_ids=None, decoder_attention_mask=None, encoder_outputs=None, cache=None,
                 use_cache=None, output_fusion_attentions=False, num_items_in_batch=None, past_key_values=None,
-                label_index=None, **kwargs):
+                label_index=None, contrast_keep_index=None, **kwargs):
         cache = cache if cache is not None else past_key_values   # generate() of transformers < 5.2x uses the old name
         if labels is not None and decoder_input_ids is None:
             decoder_input_ids = shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
@@ -233,7 +233,8 @@ class AlcapForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
             loss = loss_cap = ce / n_tokens
             if self.contrast is not None and getattr(encoder_outputs, 'h_t', None) is not None:
                 text_mask = None if self.config.contrast_text_pads else attention_mask  # None: the mean counts pads
-                losses = self.contrast(music_features, encoder_outputs.h_t, music_attention_mask, text_mask, song_ids)
+                losses = self.contrast(music_features, encoder_outputs.h_t, music_attention_mask, text_mask, song_ids,
+                                       keep_index=contrast_keep_index)
                 loss_contrast = losses['loss_contrast']
                 loss = loss_cap + self.config.alpha * loss_contrast   # eq. (4): the one place it is weighted
         maps = getattr(encoder_outputs, 'fusion_attentions', None) if output_fusion_attentions else None

@@ -24,7 +24,7 @@ from .demodata import demo_scores, ensure_demo_data
 from .demodata import ensure_features as ensure_demo_features
 from .losses import SIMILARITIES
 from .model import METHODS, AlcapForConditionalGeneration, bart_base_config, check_alpha, tiny_bart_config
-from .losses import info_nce_log_n
+from .losses import first_occurrence, info_nce_log_n
 from .metrics import compute_metrics
 
 # %% auto #0
@@ -36,7 +36,7 @@ __all__ = ['DATASETS', 'DEMO_N', 'OPTIMIZERS', 'SCHEDULES', 'TEXT_INITS', 'MODEL
            'generation_settings', 'generate_captions', 'uses_bf16', 'CsvLog', 'run_tokenizer', 'write_captions',
            'data_manifest', 'same_data', 'Run', 'load_run_data', 'train_sampler', 'recipe_batch', 'add_model',
            'nothing_to_train', 'write_run_config', 'attach_loop', 'default_num_workers', 'train_loader',
-           'contrast_weight', 'lm_head_args', 'train_step', 'StepWindow', 'train_epoch', 'validation_losses',
+           'contrast_weight', 'host_indices', 'train_step', 'StepWindow', 'train_epoch', 'validation_losses',
            'generation_scores', 'validate_epoch', 'end_epoch', 'finish_run', 'inference_settings', 'finish', 'train',
            'train_cli']
 
@@ -691,18 +691,25 @@ def contrast_weight(c: TrainConfig, n_counted, n_positions):
     if c.alpha_scale == 'positions': return c.alpha * n_positions / n_counted
     return n_counted.new_tensor(c.alpha, dtype=torch.float)
 
-def lm_head_args(labels, c: TrainConfig, device) -> dict:
-    "`label_index` for the model (`labels`' real tokens, found on the CPU) when `c.lm_head` wants it; else nothing."
-    on = c.lm_head == 'labels' or (c.lm_head == 'auto' and device.type == 'cuda')
-    if not on or c.caption_loss == 'positions': return {}   # 'positions': every position is a label, none to skip
-    idx = labels.flatten().ne(-100).nonzero().squeeze(1)
+def _to(idx, device):
     # pinned, so that the copy does not wait for the GPU's queue as one from pageable memory would
-    if device.type == 'cuda': idx = idx.pin_memory()
-    return dict(label_index=idx.to(device, non_blocking=True))
+    return (idx.pin_memory() if device.type == 'cuda' else idx).to(device, non_blocking=True)
+
+def host_indices(batch: dict, c: TrainConfig, device, world: int = 1) -> dict:
+    """The model's index arguments for a batch still on the CPU, so that the step never reads them back from the GPU:
+    `label_index` (the real label tokens) when `c.lm_head` wants it, and `contrast_keep_index` (each song's first
+    row, the rows InfoNCE keeps) in one process, where the batch is the whole InfoNCE batch."""
+    out = {}
+    on = c.lm_head == 'labels' or (c.lm_head == 'auto' and device.type == 'cuda')
+    if on and c.caption_loss == 'tokens':   # 'positions': every position is a label, none to skip
+        out['label_index'] = _to(batch['labels'].flatten().ne(-100).nonzero().squeeze(1), device)
+    if world == 1 and c.method == 'alcap' and 'song_ids' in batch:
+        out['contrast_keep_index'] = _to(first_occurrence(batch['song_ids']).nonzero().squeeze(1), device)
+    return out
 
 def train_step(fwd, model, batch, opt, sched, c: TrainConfig, device, world: int = 1) -> dict:
     "One optimiser step of `fwd` (the model, its DDP or compiled wrapper); the global batch's losses as tensors."
-    head = lm_head_args(batch['labels'], c, device)
+    head = host_indices(batch, c, device, world)
     batch = recipe_batch({k: v.to(device, non_blocking=True) for k, v in batch.items()}, c, model.config.pad_token_id)
     y = batch['labels']
     counts = torch.stack([y.ne(-100).sum(), y.new_tensor(len(y) * c.max_target_len)])  # label tokens, positions
@@ -801,7 +808,7 @@ def validation_losses(model, dataset, collate, c: TrainConfig, device, batch_siz
     for b in torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
                                          generator=torch.Generator()):
         # lyrics padded as training padded them; labels not: val_loss_cap is the real-token mean under both recipes
-        head = lm_head_args(b['labels'], c, device)
+        head = host_indices(b, c, device)   # evaluation gathers nothing: one process's batch is InfoNCE's
         b = recipe_batch({k: v.to(device) for k, v in b.items()}, c, model.config.pad_token_id, labels=False)
         n = int(b['labels'].ne(-100).sum())
         with _autocast(c, device): out = model(**b, **head)
