@@ -13,7 +13,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
-from .core import atomic_write, param_pairs, repo_root, save_png, user_errors
+from .core import atomic_write, param_pairs, portable, repo_root, save_png, user_errors
 from .train import TrainConfig, _check_same_run, check_train_params, data_manifest, validate
 from .runs import finished_run, run_training_notebook
 from .retrieval import DEFAULT_MODEL
@@ -107,7 +107,7 @@ def sweep_provenance(runs: list[Path], command: str, alphas, seeds, dataset: str
                      train_params: dict) -> dict:
     "What made a sweep: the command, grid, data, parameters, and each run's initialisation and hardware."
     cfgs = [json.loads((r/'config.json').read_text()) for r in runs]
-    return dict(command=command, alphas=list(alphas), seeds=list(seeds), dataset=dataset, data_dir=str(data_dir),
+    return dict(command=command, alphas=list(alphas), seeds=list(seeds), dataset=dataset, data_dir=portable(data_dir),
                 data_manifest=data_manifest(data_dir), train_params=train_params,
                 text_init=sorted({c['text_init'] for c in cfgs}), hardware=sorted({c['hardware'] for c in cfgs}),
                 n_test=sorted({c.get('n_test') for c in cfgs}), runs=[r.name for r in runs],

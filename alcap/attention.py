@@ -17,7 +17,7 @@ from transformers import AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 # every import from the rest of alcap sits here, so that they can be repointed in one place
-from .core import atomic_write, hardware, save_png, user_errors
+from .core import atomic_write, hardware, portable, save_png, user_errors
 from .data import Collator, SongDataset
 from .music import SR, FeatureCache
 from .model import AlcapForConditionalGeneration
@@ -310,7 +310,7 @@ def _run_line(run_dir, meta: dict) -> str:
     "One provenance line for a run: method, seed, initialisation, data, music encoder."
     man, feats = meta.get('data_manifest') or {}, meta.get('features') or {}
     size = f", {man['n']} songs, data seed {man.get('seed')}" if 'n' in man else ''
-    data = f"{meta.get('dataset')} ({meta['parameters'].get('data_dir')}{size})"
+    data = f"{meta.get('dataset')} ({portable(meta['parameters'].get('data_dir') or '?')}{size})"
     pretrained = (feats.get('config') or {}).get('pretrained')
     return (f"`{run_dir}`: {meta.get('method')}, alpha {meta.get('alpha')}, training seed {meta.get('seed')}, "
             f"text model {meta.get('text_init')} init, music {feats.get('encoder')} (pretrained: {pretrained}), "

@@ -319,10 +319,10 @@ class _SyncSpy(TorchDispatchMode):
         name = func.overloadpacket.__name__
         boolean = name in ('index', 'index_put', 'index_put_') and any(
             isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1])
-        if name in _SYNC_OPS or boolean:
-            if any(t.device.type == self.device.type for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)):
-                key = (name if not boolean else f'{name} (boolean mask)', _call_site())
-                self.sites[key] = self.sites.get(key, 0) + 1
+        tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        if (name in _SYNC_OPS or boolean) and any(t.device.type == self.device.type for t in tensors):
+            key = (name if not boolean else f'{name} (boolean mask)', _call_site())
+            self.sites[key] = self.sites.get(key, 0) + 1
         return func(*args, **(kwargs or {}))
 
 def host_syncs(model, dataset, collate, c: TrainConfig, device, seed: int = 0) -> dict:

@@ -12,7 +12,7 @@ import torch
 
 # %% auto #0
 __all__ = ['USER_ERRORS', 'atomic_write', 'save_png', 'user_errors', 'run_command', 'hardware', 'provenance', 'repo_root',
-           'hub_reachable', 'parse_value', 'param_pairs']
+           'portable', 'hub_reachable', 'parse_value', 'param_pairs']
 
 # %% ../nbs/00_core.ipynb #5a742e9e
 def _umask() -> int:
@@ -102,6 +102,14 @@ def repo_root() -> Path:
         'run alcap-demo from the ALCAP repository (no settings.ini and nbs/03_train.ipynb found above the working '
         'directory)'
     )
+
+# %% ../nbs/00_core.ipynb #fb37b4b8
+def portable(path) -> str:
+    "`path` as provenance records it: relative to the repository root when inside it, else as given."
+    p = Path(path).expanduser()
+    if not p.is_absolute(): return str(path)   # already relative: to the repository root, as every command reads it
+    try: return str(p.resolve().relative_to(repo_root().resolve()))
+    except (ValueError, FileNotFoundError): return str(path)
 
 # %% ../nbs/00_core.ipynb #421141ad
 def hub_reachable(timeout: float = 3.0) -> bool:

@@ -10,11 +10,12 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
-from .core import atomic_write, parse_value, provenance, save_png, user_errors
+from .core import atomic_write, param_pairs, provenance, save_png, user_errors
 from .data import load_songs
 from .demodata import dataset_summary, demo_scores, ensure_demo_data, ensure_features
 from .evaluate import evaluate_run, write_tables
 from .runs import finished_run, run_training_notebook
+from .train import check_train_params
 
 METHOD_ALPHA = {'bart': 0.0, 'bart-fusion': 0.0, 'alcap': 0.02, 'alcap-original': 0.02}
 # a demo method that is a model method under other training parameters: ALCAP as the authors' code trains it
@@ -22,10 +23,12 @@ METHOD_RUNS = {'alcap-original': dict(method='alcap', recipe='original')}
 DEFAULT_METHODS = ('bart', 'bart-fusion', 'alcap')
 
 # %% auto #0
-__all__ = ['METHOD_ALPHA', 'METHOD_RUNS', 'DEFAULT_METHODS', 'SCORE_COLUMNS', 'train_method', 'demo_method', 'attribute_table',
-           'attribute_summary', 'loss_plot', 'write_demo_results', 'main']
+__all__ = ['METHOD_ALPHA', 'METHOD_RUNS', 'DEFAULT_METHODS', 'DEMO_SETS', 'SCORE_COLUMNS', 'train_method', 'demo_method',
+           'attribute_table', 'attribute_summary', 'loss_plot', 'write_demo_results', 'main']
 
 # %% ../nbs/09_demo.ipynb #12401c7d
+DEMO_SETS = ('dataset', 'data_dir', 'demo_n', 'method', 'alpha', 'seed', 'output_dir')  # set for each run, not by -p
+
 def train_method(method: str, seed: int, data: Path, runs: Path, **params) -> Path:
     "Train one method via papermill on nbs/03_train.ipynb; returns its run folder."
     out = runs/f'{method}_s{seed}'
@@ -141,16 +144,13 @@ def main(argv: list[str]|None = None):
                    help="'alcap-original': ALCAP trained as the authors' code trains it (recipe='original')")
     p.add_argument('--stages', nargs='+', default=['data', 'features', 'train', 'evaluate'],
                    choices=['data', 'features', 'train', 'evaluate'])
-    p.add_argument('--param', action='append', default=[], metavar='KEY=VALUE',
-                   help='a training parameter for every run (as papermill -p)')
+    p.add_argument('-p', '--param', nargs=2, action='append', default=[], metavar=('KEY', 'VALUE'),
+                   help='a training parameter for every run, as papermill -p (e.g. -p epochs 2)')
     p.add_argument('--regenerate', action='store_true',
                    help='replace a demo of another size or seed in --data (deletes its features)')
     args = p.parse_args(argv)
-    params = {}
-    for kv in args.param:
-        k, sep, v = kv.partition('=')
-        if not sep: p.error(f'--param {kv!r}: expected KEY=VALUE')
-        params[k] = parse_value(v)
+    params = check_train_params(param_pairs(args.param), reserved=DEMO_SETS, why='alcap-demo sets it (--data, --n, '
+                                '--methods, --seeds, --runs)')
     cmd = ('alcap-demo ' + ' '.join(argv if argv is not None else sys.argv[1:])).strip()
     t0 = time.time()
     songs = ensure_demo_data(args.data, args.n, args.seed, regenerate=args.regenerate)

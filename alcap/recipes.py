@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
-from .core import atomic_write, param_pairs, repo_root, save_png, user_errors
+from .core import atomic_write, param_pairs, portable, repo_root, save_png, user_errors
 from .train import (RECIPES, TrainConfig, _check_same_run, check_train_params, data_manifest, train,
                          uses_bf16, validate)
 from .runs import finished_run
@@ -188,7 +188,7 @@ def recipe_ablation(runs_dir, seeds=(0, 1, 2), data_dir=None, lr: float|None = N
     prov = dict(command=command, seeds=list(dict.fromkeys(s for _, s in plan)),
                 arms=list(dict.fromkeys(a for a, _ in plan)), original_lr=lr,
                 lr_trial=None if trial is None else trial[LR_TRIAL_COLUMNS].to_dict('records'),
-                switches=recipe_switches(base), base=train_params, data_dir=base.data_dir,
+                switches=recipe_switches(base), base=train_params, data_dir=portable(base.data_dir),
                 data_manifest=data_manifest(base.data_dir), text_init=sorted({c['text_init'] for c in cfgs}),
                 hardware=sorted({c['hardware'] for c in cfgs}), training_commands=sorted({c['command'] for c in cfgs}),
                 date=time.strftime('%Y-%m-%d'))

@@ -19,7 +19,7 @@ def test_param_values_typed_like_papermill():
 def test_main_job_on_a_tiny_demo(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     main(['--data', str(tmp_path/'data'), '--runs', str(tmp_path/'runs'), '--results', str(tmp_path/'results'), '--n', '40',
-          '--param', 'epochs=2', '--param', 'num_beams=1', '--param', 'max_new_tokens=16'])
+          '-p', 'epochs', '2', '-p', 'num_beams', '1', '-p', 'max_new_tokens', '16'])
     res = tmp_path/'results'
     for f in ('dataset.md', 'table1.md', 'table2.csv', 'attributes.csv', 'attributes.md', 'loss.png'): assert (res/f).exists(), f
     att = pd.read_csv(res/'attributes.csv')
