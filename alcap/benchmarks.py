@@ -860,8 +860,8 @@ def regime_losses(items, tokenizer, size: str = 'tiny', d_m: int|None = None, se
     for regime, precision in (('reference', 'fp32'), ('ours', 'bf16')):
         c = dataclasses.replace(regime_config(regime, size), precision=precision)
         b = regime_collator(regime, c, tokenizer)(items)
-        head = host_indices(b, c, cpu)
-        with torch.no_grad(), _autocast(c, cpu): out[regime] = float(model(**b, **head).loss)
+        indices = host_indices(b, c, cpu)
+        with torch.no_grad(), _autocast(c, cpu): out[regime] = float(model(**b, **indices).loss)
         out[f'{regime}_shape'] = (tuple(b['input_ids'].shape), tuple(b['labels'].shape))
     return out
 

@@ -709,13 +709,13 @@ def host_indices(batch: dict, c: TrainConfig, device, world: int = 1) -> dict:
 
 def train_step(fwd, model, batch, opt, sched, c: TrainConfig, device, world: int = 1) -> dict:
     "One optimiser step of `fwd` (the model, its DDP or compiled wrapper); the global batch's losses as tensors."
-    head = host_indices(batch, c, device, world)
+    indices = host_indices(batch, c, device, world)
     batch = recipe_batch({k: v.to(device, non_blocking=True) for k, v in batch.items()}, c, model.config.pad_token_id)
     y = batch['labels']
     counts = torch.stack([y.ne(-100).sum(), y.new_tensor(len(y) * c.max_target_len)])  # label tokens, positions
     if world > 1: dist.all_reduce(counts)
     n_tok, n_pos = counts[0], counts[1]
-    with _autocast(c, device): o = fwd(**batch, num_items_in_batch=n_tok, **head)
+    with _autocast(c, device): o = fwd(**batch, num_items_in_batch=n_tok, **indices)
     alpha = contrast_weight(c, n_tok, n_pos) if o.loss_contrast is not None else None
     loss = o.loss_cap if alpha is None else o.loss_cap + alpha * o.loss_contrast
     (loss * world).backward()
@@ -808,10 +808,10 @@ def validation_losses(model, dataset, collate, c: TrainConfig, device, batch_siz
     for b in torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
                                          generator=torch.Generator()):
         # lyrics padded as training padded them; labels not: val_loss_cap is the real-token mean under both recipes
-        head = host_indices(b, c, device)   # evaluation gathers nothing: one process's batch is InfoNCE's
+        indices = host_indices(b, c, device)   # evaluation gathers nothing: one process's batch is InfoNCE's
         b = recipe_batch({k: v.to(device) for k, v in b.items()}, c, model.config.pad_token_id, labels=False)
         n = int(b['labels'].ne(-100).sum())
-        with _autocast(c, device): out = model(**b, **head)
+        with _autocast(c, device): out = model(**b, **indices)
         tot['cap'] += float(out.loss_cap) * n
         tot['tokens'] += n
         if out.loss_contrast is not None:
