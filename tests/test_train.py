@@ -218,9 +218,10 @@ def _free_port():
 # on a GPU machine both processes would share its one device over NCCL, and the one-process run would train on the
 # GPU in bf16: the comparison is of CPU processes, so it is skipped there (it failed that way on one H100)
 @pytest.mark.skipif(torch.cuda.is_available(), reason="compares CPU processes over gloo; hide the GPU to run it")
-def test_two_processes_equal_one_with_double_batch(tiny_data, tmp_path):
+@pytest.mark.parametrize('lm_head', ['auto', 'labels'])   # 'labels': each process its own label tokens' index
+def test_two_processes_equal_one_with_double_batch(tiny_data, tmp_path, lm_head):
     "DDP on 2 CPU processes (gloo), batch 4 each, ends where 1 process with batch 8 does and logs its losses (dropout off)."
-    common = dict(dropout=0.0, epochs=2, save_every=100)
+    common = dict(dropout=0.0, epochs=2, save_every=100, lm_head=lm_head)
     train(tiny_config(tiny_data, tmp_path/'one', batch_size=8, **common), progress=False)
     args = [f'--{k}={v}' for k, v in vars(tiny_config(tiny_data, tmp_path/'two', batch_size=4, **common)).items() if v is not None]
     script = tmp_path/'run.py'; script.write_text('from alcap.train import train_cli; train_cli()\n')
