@@ -703,8 +703,12 @@ def limits(R: dict) -> list[str]:
     s = R.get('syncs')
     if s and s['total']:
         where = '; '.join(f"{x['op']} at {x['site']} (x{x['count']})" for x in s['sites'][:6])
-        out.append(f"One step of ours makes the host wait for the {'GPU' if R.get('device') == 'cuda' else 'CPU'} "
-                   f"{s['total']} times, each emptying the queue of work ahead of it: {where}.")
+        if R.get('device') == 'cuda':
+            out.append(f"One step of ours makes the host wait for the GPU {s['total']} times, each emptying the queue "
+                       f"of work ahead of it: {where}.")
+        else:   # no queue on a CPU: the same reads are listed as what a GPU would wait for
+            out.append(f"One step of ours reads {s['total']} values back from its tensors, which on a GPU would each "
+                       f"make the host wait (on a CPU they cost nothing): {where}.")
     if R.get('loader') and ours:
         out.append(f"The data loader alone delivers {_f(R['loader']['samples_per_s'], 0)} samples/s, "
                    f"{_f(R['loader']['samples_per_s'] / max(ours['samples_per_s'], 1e-9), 1)}x what training consumes.")
