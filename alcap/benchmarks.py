@@ -264,14 +264,20 @@ def _kind(name: str) -> str:
     low = name.lower()
     return next((k for k, keys in _KINDS if any(s in low for s in keys)), 'other (element-wise, reductions, copies)')
 
-def profile_training(model, dataset, collate, c: TrainConfig, device, steps: int = 4, seed: int = 0) -> dict:
-    "Where a few training steps of `c` spend their time: top kernels or ops, time by kind, GPU busy fraction."
+def _warmed_up(model, dataset, collate, c: TrainConfig, device, seed: int, warmup: int, steps: int):
+    "The optimiser, schedule and batches for `steps` of the trainer's steps of `c`, after `warmup` steps run here."
     sampler = LengthGroupedBatchSampler(dataset.lengths, c.batch_size, shuffle=True, seed=seed)
-    opt, sched = build_optimizer(c, model, steps + 3)
+    opt, sched = build_optimizer(c, model, warmup + steps + 1)
     model.train()
     batches = _epochs(dataset, sampler, collate, c, device)
-    for _ in range(2): train_step(model, model, next(batches), opt, sched, c, device)   # warm-up outside the profile
+    for _ in range(warmup): train_step(model, model, next(batches), opt, sched, c, device)
     _sync(device)
+    return opt, sched, batches
+
+def profile_training(model, dataset, collate, c: TrainConfig, device, steps: int = 4, seed: int = 0) -> dict:
+    "Where a few training steps of `c` spend their time: top kernels or ops, time by kind, GPU busy fraction."
+    # two steps of warm-up outside the profile
+    opt, sched, batches = _warmed_up(model, dataset, collate, c, device, seed, warmup=2, steps=steps)
     cuda = device.type == 'cuda'
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     t0 = time.perf_counter()
@@ -319,19 +325,16 @@ class _SyncSpy(TorchDispatchMode):
         name = func.overloadpacket.__name__
         boolean = name in ('index', 'index_put', 'index_put_') and any(
             isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1])
-        tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-        if (name in _SYNC_OPS or boolean) and any(t.device.type == self.device.type for t in tensors):
-            key = (name if not boolean else f'{name} (boolean mask)', _call_site())
-            self.sites[key] = self.sites.get(key, 0) + 1
+        if name in _SYNC_OPS or boolean:   # only then the operands' devices are looked at
+            tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+            if any(t.device.type == self.device.type for t in tensors):
+                key = (name if not boolean else f'{name} (boolean mask)', _call_site())
+                self.sites[key] = self.sites.get(key, 0) + 1
         return func(*args, **(kwargs or {}))
 
 def host_syncs(model, dataset, collate, c: TrainConfig, device, seed: int = 0) -> dict:
     "Where one of the trainer's steps of `c` makes the host wait for `device` (after one step of warm-up)."
-    sampler = LengthGroupedBatchSampler(dataset.lengths, c.batch_size, shuffle=True, seed=seed)
-    opt, sched = build_optimizer(c, model, 3)
-    model.train()
-    batches = _epochs(dataset, sampler, collate, c, device)
-    train_step(model, model, next(batches), opt, sched, c, device)
+    opt, sched, batches = _warmed_up(model, dataset, collate, c, device, seed, warmup=1, steps=1)
     batch = next(batches)
     with _SyncSpy(device) as spy: train_step(model, model, batch, opt, sched, c, device)
     _sync(device)
