@@ -161,6 +161,7 @@ class AlcapForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
     config_class = AlcapConfig
     _tied_weights_keys = {"lm_head.weight": "model.shared.weight"}
     _keys_to_ignore_on_load_missing = ["final_logits_bias"]
+    vocab_multiple = 64   # on a GPU the LM head's matmul sees |V| padded to this (see "A vocabulary the GPU likes")
 
     def __init__(self, config: AlcapConfig):
         super().__init__(config.validate())
@@ -206,6 +207,16 @@ class AlcapForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
                 if w is not None: maps.append(w)
         return AlcapEncoderOutput(last_hidden_state=h, h_t=h_t, fusion_attentions=tuple(maps) or None)
 
+    def lm_logits(self, hidden, multiple: int|None = None):
+        "The LM head, $h W^T + b$, with $|V|$ padded to `multiple` in the matmul (None: `vocab_multiple` on a GPU)."
+        V = self.config.vocab_size
+        pad = -V % (multiple or (self.vocab_multiple if hidden.is_cuda else 1))
+        if pad:   # the extra rows of W are zeros, and their logits are sliced off before the bias and the softmax
+            logits = F.linear(hidden, F.pad(self.lm_head.weight, (0, 0, 0, pad)))[..., :V]
+        else:
+            logits = self.lm_head(hidden)
+        return logits + self.final_logits_bias.to(hidden.dtype)
+
     def forward(self, input_ids=None, attention_mask=None, labels=None, music_features=None, music_attention_mask=None,
                 song_ids=None, decoder_input_ids=None, decoder_attention_mask=None, encoder_outputs=None, cache=None,
                 use_cache=None, output_fusion_attentions=False, num_items_in_batch=None, past_key_values=None,
@@ -222,7 +233,7 @@ class AlcapForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
         hidden = dec.last_hidden_state
         if label_index is not None:   # label_index: the LM head runs on those positions of labels.flatten() only
             hidden = hidden.flatten(0, 1).index_select(0, label_index)
-        logits = self.lm_head(hidden) + self.final_logits_bias.to(hidden.dtype)
+        logits = self.lm_logits(hidden)
         loss = loss_cap = loss_contrast = None
         if labels is not None:                         # eq. (3), a mean per real label token (label pads are -100)
             y = labels.flatten() if label_index is None else labels.flatten().index_select(0, label_index)

@@ -206,3 +206,27 @@ def test_from_bart_keeps_the_checkpoints_generation_config(tmp_path):
         s = [t for t in s if t not in (0, 1, 2)]
         bigrams = list(zip(s, s[1:]))
         assert len(bigrams) == len(set(bigrams))
+
+
+@pytest.mark.gpu
+def test_gpu_padded_lm_head_is_the_plain_head():
+    "On a GPU the LM head's matmul pads |V| (99 here) to 128: the loss, the logits and every gradient stay the CPU's."
+    assert torch.cuda.is_available()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    cpu, b = make('alcap'), make_batch()
+    gpu = make('alcap').cuda()
+    gb = {k: v.cuda() for k, v in b.items()}
+    assert -gpu.config.vocab_size % gpu.vocab_multiple   # the padded path is the one taken
+    h = torch.randn(6, 32, device='cuda')
+    torch.testing.assert_close(gpu.lm_logits(h), gpu.lm_logits(h, multiple=1), atol=1e-5, rtol=1e-5)
+    outs = []
+    for m, batch in ((cpu, b), (gpu, gb)):   # eval(): no dropout draw, so both devices compute the same function
+        m.zero_grad()
+        out = m(**batch)
+        out.loss.backward()
+        outs.append((out, {k: p.grad.cpu() for k, p in m.named_parameters() if p.grad is not None}))
+    (oc, gc), (og, gg) = outs
+    torch.testing.assert_close(og.logits.cpu(), oc.logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(og.loss.cpu(), oc.loss, atol=1e-5, rtol=1e-5)
+    assert gg.keys() == gc.keys()
+    for k in gc: torch.testing.assert_close(gg[k], gc[k], atol=1e-4, rtol=1e-3, msg=k)
