@@ -16,17 +16,18 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from .core import atomic_write, hardware
-from .data import Collator, LengthGroupedBatchSampler, Song, SongDataset, train_bpe_tokenizer
+from .data import Collator, Song, SongDataset, bucket_length, train_bpe_tokenizer
 from .model import AlcapForConditionalGeneration, bart_base_config, tiny_bart_config
-from .train import (StepWindow, TrainConfig, _autocast, build_optimizer, generate_captions, host_indices,
-                         save_checkpoint, seed_everything, train_loader, train_step, uses_bf16, validate)
+from .train import (RECIPE_OPTIONS, Dist, StepWindow, TrainConfig, _autocast, build_optimizer,
+                         generate_captions, host_indices, save_checkpoint, seed_everything, train_loader,
+                         train_sampler, train_step, uses_bf16, validate)
 
 # %% auto #0
 __all__ = ['SI_LYRICS_TOKENS', 'SI_CAPTION_TOKENS', 'SI_MAX_TOKENS', 'SIZES', 'REGIMES', 'HEADLINE', 'si_shaped_songs',
            'si_tokenizer', 'train_flops', 'si_model', 'regime_config', 'regime_collator', 'matmul_peak_tflops',
-           'measure_training', 'measure_loader', 'measure_generation', 'profile_training', 'host_syncs', 'versions',
-           'version_warnings', 'smoke_check', 'run_benchmarks', 'limits', 'benchmarks_markdown', 'main',
-           'regime_losses', 'converge_both']
+           'measure_training', 'measure_loader', 'measure_generation', 'padding_by_batching', 'profile_training',
+           'host_syncs', 'versions', 'version_warnings', 'smoke_check', 'run_benchmarks', 'limits',
+           'benchmarks_markdown', 'main', 'regime_losses', 'converge_both']
 
 # %% ../nbs/08_benchmarks.ipynb #9c772546
 SI_LYRICS_TOKENS, SI_CAPTION_TOKENS, SI_MAX_TOKENS = (351, 186,
@@ -115,12 +116,12 @@ REGIMES = ('reference', 'ours', 'defaults')
 
 def regime_config(regime: str, size: str, torch_compile: bool = False) -> TrainConfig:
     """The trainer configuration of the 'reference' regime (the original code's), 'ours' (our fast path: AdamW,
-    length-grouped batches, bf16 on a GPU) or 'defaults' (every recipe choice at the trainer's default)."""
+    batches grouped by lyrics and caption length, bf16 on a GPU) or 'defaults' (every recipe choice at the trainer's default)."""
     if regime not in REGIMES: raise ValueError(f"regime={regime!r}: must be one of {REGIMES}")
     p, max_len = SIZES[size], _max_len(SIZES[size])
     own = {'reference': dict(optimizer='adafactor', precision='fp32', grad_clip=0.0, num_workers=0, do_sample=True,
                              batching='shuffle', lm_head='all'),
-           'ours': dict(optimizer='adamw', precision='auto', grad_clip=1.0, batching='length', do_sample=False,
+           'ours': dict(optimizer='adamw', precision='auto', grad_clip=1.0, batching='buckets', do_sample=False,
                         torch_compile=torch_compile, lm_head='labels'),
            'defaults': dict(do_sample=False)}[regime]   # captions as ours: beam search
     c = TrainConfig(method='alcap', alpha=0.02, text_init='random', model_size='base' if size == 'full' else 'tiny',
@@ -170,12 +171,15 @@ def _epochs(dataset, sampler, collate, c, device):
         yield from train_loader(dataset, sampler, collate, c, device)
         epoch += 1
 
+def _sampler(dataset, c: TrainConfig, seed: int):
+    "The trainer's batches for `c` (its `batching`), drawn with `seed`."
+    return train_sampler(dataclasses.replace(c, seed=seed), dataset.token_lengths, Dist())
+
 def measure_training(model, dataset, collate, c: TrainConfig, device, steps: int, warmup: int = 2,
-                     time_cap: float = math.inf, grouped: bool = True, seed: int = 0,
+                     time_cap: float = math.inf, seed: int = 0,
                      log_every: int | None = None) -> dict:
     "Wall-clock training throughput of the trainer's step on `dataset` (data loading included), after `warmup` steps."
-    sampler = LengthGroupedBatchSampler(
-        dataset.lengths, c.batch_size, shuffle=True, seed=seed, mega_batch_mult=16 if grouped else 1)
+    sampler = _sampler(dataset, c, seed)
     opt, sched = build_optimizer(c, model, steps + warmup + 1)
     fwd = torch.compile(model) if c.torch_compile and device.type == 'cuda' else model
     model.train()
@@ -222,7 +226,7 @@ def measure_training(model, dataset, collate, c: TrainConfig, device, steps: int
 # %% ../nbs/08_benchmarks.ipynb #d3a69a2b
 def measure_loader(dataset, collate, c: TrainConfig, device, batches: int = 50, seed: int = 0) -> dict:
     "Samples/s the trainer's data loader delivers on its own (workers and pinned memory as in training)."
-    sampler = LengthGroupedBatchSampler(dataset.lengths, c.batch_size, shuffle=True, seed=seed)
+    sampler = _sampler(dataset, c, seed)
     t0, n = time.perf_counter(), 0
     for k, b in enumerate(_epochs(dataset, sampler, collate, c, device)):
         n += len(b['input_ids'])
@@ -256,6 +260,20 @@ def measure_generation(model, dataset, tokenizer, collate, c: TrainConfig, devic
                 precision='bf16 autocast' if uses_bf16(c.precision, device.type == 'cuda') else 'fp32',
                 peak_memory_gb=_peak_gb(device))
 
+# %% ../nbs/08_benchmarks.ipynb #ac746239
+def padding_by_batching(dataset, collate: Collator, c: TrainConfig, seed: int = 0) -> list[dict]:
+    "One epoch under each `batching`, padded as `collate` pads: the share of computed positions that are padding."
+    L, rows = dataset.token_lengths, []
+    for batching in RECIPE_OPTIONS['batching']:
+        batches = _sampler(dataset, dataclasses.replace(c, batching=batching), seed).global_batches(0)
+        longest = np.array([L[b].max(0) for b in batches])
+        S = [bucket_length(s, collate.multiple, collate.max_source_len) for s in longest[:, 0]]
+        T = [bucket_length(t, collate.multiple, collate.max_target_len) for t in longest[:, 1]]
+        computed = sum(len(b) * (s + t) for b, s, t in zip(batches, S, T))
+        rows.append(dict(batching=batching, padding_fraction=round(float(1 - L.sum() / computed), 3),
+                         distinct_shapes=len(set(zip(S, T)))))
+    return rows
+
 # %% ../nbs/08_benchmarks.ipynb #de936cf4
 _KINDS = (('matmul', ('gemm', 'cutlass', 'xmma', 'nvjet', 'sm90_', 'sm80_', 'aten::mm', 'aten::addmm', 'aten::bmm')),
           ('attention', ('flash', 'fmha', 'attention')), ('optimizer', ('adam', 'adafactor', 'multi_tensor')))
@@ -266,7 +284,7 @@ def _kind(name: str) -> str:
 
 def _warmed_up(model, dataset, collate, c: TrainConfig, device, seed: int, warmup: int, steps: int):
     "The optimiser, schedule and batches for `steps` of the trainer's steps of `c`, after `warmup` steps run here."
-    sampler = LengthGroupedBatchSampler(dataset.lengths, c.batch_size, shuffle=True, seed=seed)
+    sampler = _sampler(dataset, c, seed)
     opt, sched = build_optimizer(c, model, warmup + steps + 1)
     model.train()
     batches = _epochs(dataset, sampler, collate, c, device)
@@ -502,7 +520,7 @@ class _Workload:
                                 torch_compile=compiled)
         warmup = self.p['warmup'] if warmup is None else warmup
         r = measure_training(self.model, self.ds['train'], self.col[regime], c, self.device, steps or self.p['steps'],
-                             warmup, time_cap=cap, grouped=c.batching == 'length', seed=self.seed)
+                             warmup, time_cap=cap, seed=self.seed)
         peak = (self.run.R.get('peak') or {}).get('tflops')
         r['mfu'] = round(r['flops_per_s'] / (peak * 1e12), 4) if peak else None
         r.pop('losses')
@@ -516,8 +534,10 @@ def _workload(run: _Run, device, size: str, seed: int, tok, ds: dict) -> _Worklo
     init = {k: x.detach().clone() for k, x in model.state_dict().items()}
     if size == 'full': shape = 'bart-base sized BART (6+6 layers, d_model 768, vocabulary 50,265)'
     else: shape = 'tiny BART (2+2 layers, d_model 64)'
+    V, m = model.config.vocab_size, model.vocab_multiple
+    head = f", the LM head's matmul padded to {V - V % -m:,} columns" if device.type == 'cuda' and V % m else ''
     run.R['model'] = (f"{shape}, random init, ALCAP (fusion after encoder layers {model.config.fusion_positions()}, "
-                      f"alpha 0.02), {sum(x.numel() for x in model.parameters()) / 1e6:.1f} M parameters")
+                      f"alpha 0.02){head}, {sum(x.numel() for x in model.parameters()) / 1e6:.1f} M parameters")
     cfg = {r: regime_config(r, size) for r in REGIMES}
     col = {r: regime_collator(r, cfg[r], tok) for r in REGIMES}
     return _Workload(run, device, size, seed, tok, ds, model, init, cfg, col)
@@ -664,6 +684,8 @@ def run_benchmarks(out, size: str = 'auto', budget_s: float = 330, torch_compile
         run.save()
         return R
     w = _workload(run, device, size, seed, *made)
+    R['padding'] = run.phase('padding by batching', 1,
+                             lambda: padding_by_batching(w.ds['train'], w.col['ours'], w.cfg['ours'], seed))
     ours = _training_phases(w)
     g = _generation_phases(w)
     _where_time_goes(w)
@@ -802,6 +824,10 @@ def benchmarks_markdown(R: dict) -> str:
     lines += ['', '| generation | ' + ' | '.join(gkeys) + ' |', '|---' * (len(gkeys) + 1) + '|']
     named = (('original regime', gr), ('ours', go), ('ours, batch 256', gen.get('ours_batch_256')))
     lines += [f'| {name} | ' + ' | '.join(_f(r.get(k)) for k in gkeys) + ' |' for name, r in named if r]
+    if R.get('padding'):
+        lines += ['', "Padding by batching (one epoch of the training songs, padded to ours' buckets; data only):", '',
+                  '| batching | padding_fraction | distinct_shapes |', '|---|---|---|']
+        lines += [f"| {r['batching']} | {r['padding_fraction']} | {r['distinct_shapes']} |" for r in R['padding']]
     if R.get('peak'):
         lines += ['',
                   f"Measured matmul peak: {R['peak']['tflops']} TFLOP/s ({R['peak']['dtype']}, {R['peak']['n']}^3)."]
@@ -889,7 +915,7 @@ def converge_both(steps: int = 200, seed: int = 0, scale: float = 1 / 16) -> dic
         c = dataclasses.replace(regime_config('ours', 'tiny'), precision=precision, lr=1e-3, num_workers=0,
                                 max_source_len=n, max_target_len=n, lm_head='labels' if regime == 'ours' else 'all')
         col = regime_collator(regime, c, tok)
-        r = measure_training(model, ds, col, c, torch.device('cpu'), steps, warmup=0, grouped=True, seed=seed)
+        r = measure_training(model, ds, col, c, torch.device('cpu'), steps, warmup=0, seed=seed)
         res[regime] = dict(
             final=float(np.mean(r['losses'][-20:])), std=float(np.std(r['losses'][-20:])), first=r['losses'][0])
     return res

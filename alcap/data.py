@@ -295,6 +295,10 @@ class SongDataset(torch.utils.data.Dataset):
     def __len__(self): return len(self.songs)
     @property
     def lengths(self) -> list[int]: return [len(a) + len(b) for a, b in zip(self.input_ids, self.labels)]
+    @property
+    def token_lengths(self) -> np.ndarray:
+        "(lyrics, caption) token counts, one row per item."
+        return np.array([(len(a), len(b)) for a, b in zip(self.input_ids, self.labels)]).reshape(-1, 2)
 
     def __getitem__(self, i):
         item = dict(input_ids=self.input_ids[i], labels=self.labels[i], song_idx=self.song_idx[i])
@@ -355,6 +359,8 @@ class MusicRepaired(torch.utils.data.Dataset):
     def __len__(self): return len(self.base)
     @property
     def lengths(self) -> list[int]: return self.base.lengths
+    @property
+    def token_lengths(self) -> np.ndarray: return self.base.token_lengths
     def __getitem__(self, i):
         item, other = self.base[i], self.base[self.music_of[i]]
         for k in ('h_m', 'music_len'):
@@ -377,13 +383,16 @@ def pair_music(dataset, pairing: str = 'true', seed: int = 0, epoch: int = 0):
 class LengthGroupedBatchSampler(torch.utils.data.Sampler):
     "Batches of indices of similar length; seeded, resumable, and shardable across processes."
     def __init__(self, lengths: Sequence[int], batch_size: int, shuffle: bool = True, seed: int = 0,
-                 mega_batch_mult: int = 16, drop_last: bool = False, num_replicas: int = 1, rank: int = 0):
+                 mega_batch_mult: int = 16, drop_last: bool = False, num_replicas: int = 1, rank: int = 0,
+                 groups: int = 2):
         if batch_size < 1: raise ValueError(f'batch_size must be positive, got {batch_size}')
         if not 0 <= rank < num_replicas: raise ValueError(f'rank {rank} not in [0, {num_replicas})')
         self.lengths, self.batch_size, self.shuffle, self.seed = np.asarray(lengths), batch_size, shuffle, seed
+        if self.lengths.ndim not in (1, 2) or self.lengths.ndim == 2 and self.lengths.shape[1] != 2:
+            raise ValueError(f'lengths must have shape (n,) or (n, 2), got {self.lengths.shape}')
         self.mega_batch_mult, self.drop_last, self.num_replicas, self.rank = (mega_batch_mult, drop_last, num_replicas,
                                                                               rank)
-        self.epoch, self.skip = 0, 0
+        self.groups, self.epoch, self.skip = groups, 0, 0
 
     def set_epoch(self, epoch: int, skip: int = 0): self.epoch, self.skip = epoch, skip
 
@@ -391,17 +400,27 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler):
         "The batches of all processes together, for one epoch."
         n, gb = len(self.lengths), self.batch_size * self.num_replicas
         if not self.shuffle:  # evaluation: longest first, fixed order
-            order = np.argsort(-self.lengths, kind='stable')
+            order = np.argsort(-self.lengths.reshape(n, -1).sum(1), kind='stable')
             return [order[i:i + gb].tolist() for i in range(0, n, gb) if not (self.drop_last and i + gb > n)]
         rng = np.random.default_rng([self.seed, epoch])
         perm, mb = rng.permutation(n), gb * self.mega_batch_mult
         batches = []
         for i in range(0, n, mb):
-            chunk = perm[i:i + mb]
-            chunk = chunk[np.argsort(-self.lengths[chunk], kind='stable')]
-            batches += [chunk[j:j + gb].tolist() for j in range(0, len(chunk), gb)]
+            batches += self._sorted_batches(perm[i:i + mb], gb)
         if self.drop_last and batches and len(batches[-1]) < gb: batches.pop()
         return [batches[k] for k in rng.permutation(len(batches))]
+
+    def _sorted_batches(self, chunk, gb: int) -> list[list[int]]:
+        "One mega-batch cut into batches: by length, or (two lengths) by the first, then in runs by the second."
+        L = self.lengths
+        if L.ndim == 1:
+            chunk = chunk[np.argsort(-L[chunk], kind='stable')]
+            return [chunk[j:j + gb].tolist() for j in range(0, len(chunk), gb)]
+        chunk = chunk[np.argsort(-L[chunk, 0], kind='stable')]
+        run = gb * max(1, -(-len(chunk) // (gb * self.groups)))   # whole batches per run
+        runs = [chunk[j:j + run] for j in range(0, len(chunk), run)]
+        return [r[k:k + gb].tolist() for r in (r[np.argsort(-L[r, 1], kind='stable')] for r in runs)
+                for k in range(0, len(r), gb)]
 
     def _shard(self, b: list[int]) -> list[int]:
         if self.num_replicas == 1: return b

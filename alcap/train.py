@@ -77,7 +77,7 @@ RECIPES = {
 }
 # the values each recipe choice can take
 RECIPE_OPTIONS = dict(caption_loss=('tokens', 'positions'), text_pool=('tokens', 'positions'),
-                      alpha_scale=('positions', 'none'), batching=('length', 'shuffle'))
+                      alpha_scale=('positions', 'none'), batching=('length', 'shuffle', 'buckets'))
 
 # %% ../nbs/03_train.ipynb #ce3054fd
 @dataclass
@@ -124,7 +124,8 @@ class TrainConfig:
                                           # original: all max_target_len label positions, pads included)
     text_pool: str|None = None            # (R) h_t's mean: 'tokens' (real lyrics tokens) or 'positions' (the original:
                                           # lyrics padded to max_source_len, pads in the mean)
-    batching: str|None = None             # (R) 'length' (length-grouped batches) or 'shuffle' (uniform, the original)
+    batching: str|None = None             # (R) 'shuffle' (uniform, the original), 'length' (grouped by total length)
+                                          # or 'buckets' (by lyrics, then caption length: least padding)
     max_source_len: int|None = None
     max_target_len: int|None = None
     precision: str|None = None            # (R) 'fp32' (both recipes), 'auto' (bf16 autocast on a GPU, fp32 on a
@@ -591,8 +592,10 @@ def load_run_data(c: TrainConfig, ctx: Dist) -> Run:
 
 # %% ../nbs/03_train.ipynb #b7d2e002
 def train_sampler(c: TrainConfig, lengths, ctx: Dist) -> LengthGroupedBatchSampler:
-    "Training batches: length-grouped (`batching='length'`) or uniformly shuffled ('shuffle'), sharded by process."
-    mult = 16 if c.batching == 'length' else 1   # 1: each mega-batch is one batch, sorted only inside itself
+    "Training batches as `c.batching` wants them, sharded by process; `lengths`: (lyrics, caption) tokens per song."
+    lengths = np.asarray(lengths)
+    if c.batching != 'buckets' and lengths.ndim == 2: lengths = lengths.sum(1)   # one length: the total
+    mult = 1 if c.batching == 'shuffle' else 16   # 1: each mega-batch is one batch, sorted only inside itself
     return LengthGroupedBatchSampler(lengths, c.batch_size, shuffle=True, seed=c.seed, mega_batch_mult=mult,
                                      num_replicas=ctx.world, rank=ctx.rank)
 
@@ -616,7 +619,7 @@ def add_model(run: Run) -> Run:
     seed_everything(c.seed)  # the initial weights depend on the seed only
     d_music = run.features.d_m if run.features is not None else None
     run.model = build_model(c, run.tokenizer, d_music).to(ctx.device)
-    run.sampler = train_sampler(c, run.data['train'].lengths, ctx)
+    run.sampler = train_sampler(c, run.data['train'].token_lengths, ctx)
     run.steps_per_epoch = len(run.sampler.global_batches(0))
     run.opt, run.sched = build_optimizer(c, run.model, run.steps_per_epoch * c.epochs)
     last = run.out/'checkpoints'/'last.pt'
