@@ -222,6 +222,8 @@ class AlcapForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
                 use_cache=None, output_fusion_attentions=False, num_items_in_batch=None, past_key_values=None,
                 label_index=None, contrast_keep_index=None, **kwargs):
         cache = cache if cache is not None else past_key_values   # generate() of transformers < 5.2x uses the old name
+        if labels is not None:   # training or a loss: no KV cache to build (as BART's own head), and under
+            use_cache = False    # torch.compile none of the graph breaks that building one costs
         if labels is not None and decoder_input_ids is None:
             decoder_input_ids = shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
         if encoder_outputs is None:
