@@ -116,7 +116,8 @@ REGIMES = ('reference', 'ours', 'defaults')
 
 def regime_config(regime: str, size: str, torch_compile: bool = False) -> TrainConfig:
     """The trainer configuration of the 'reference' regime (the original code's), 'ours' (our fast path: AdamW,
-    batches grouped by lyrics and caption length, bf16 on a GPU) or 'defaults' (every recipe choice at the trainer's default)."""
+    batches grouped by lyrics and caption length, bf16 on a GPU) or 'defaults' (every recipe choice at the trainer's
+    default)."""
     if regime not in REGIMES: raise ValueError(f"regime={regime!r}: must be one of {REGIMES}")
     p, max_len = SIZES[size], _max_len(SIZES[size])
     own = {'reference': dict(optimizer='adafactor', precision='fp32', grad_clip=0.0, num_workers=0, do_sample=True,

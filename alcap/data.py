@@ -418,9 +418,12 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler):
             return [chunk[j:j + gb].tolist() for j in range(0, len(chunk), gb)]
         chunk = chunk[np.argsort(-L[chunk, 0], kind='stable')]
         run = gb * max(1, -(-len(chunk) // (gb * self.groups)))   # whole batches per run
-        runs = [chunk[j:j + run] for j in range(0, len(chunk), run)]
-        return [r[k:k + gb].tolist() for r in (r[np.argsort(-L[r, 1], kind='stable')] for r in runs)
-                for k in range(0, len(r), gb)]
+        batches = []
+        for j in range(0, len(chunk), run):
+            part = chunk[j:j + run]
+            part = part[np.argsort(-L[part, 1], kind='stable')]
+            batches += [part[k:k + gb].tolist() for k in range(0, len(part), gb)]
+        return batches
 
     def _shard(self, b: list[int]) -> list[int]:
         if self.num_replicas == 1: return b
