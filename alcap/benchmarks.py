@@ -535,8 +535,8 @@ def _workload(run: _Run, device, size: str, seed: int, tok, ds: dict) -> _Worklo
     init = {k: x.detach().clone() for k, x in model.state_dict().items()}
     if size == 'full': shape = 'bart-base sized BART (6+6 layers, d_model 768, vocabulary 50,265)'
     else: shape = 'tiny BART (2+2 layers, d_model 64)'
-    V, m = model.config.vocab_size, model.vocab_multiple
-    head = f", the LM head's matmul padded to {V - V % -m:,} columns" if device.type == 'cuda' and V % m else ''
+    width = model.padded_vocab(device.type == 'cuda')
+    head = f", the LM head's matmul padded to {width:,} columns" if width > model.config.vocab_size else ''
     run.R['model'] = (f"{shape}, random init, ALCAP (fusion after encoder layers {model.config.fusion_positions()}, "
                       f"alpha 0.02){head}, {sum(x.numel() for x in model.parameters()) / 1e6:.1f} M parameters")
     cfg = {r: regime_config(r, size) for r in REGIMES}

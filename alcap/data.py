@@ -294,11 +294,11 @@ class SongDataset(torch.utils.data.Dataset):
 
     def __len__(self): return len(self.songs)
     @property
-    def lengths(self) -> list[int]: return [len(a) + len(b) for a, b in zip(self.input_ids, self.labels)]
-    @property
     def token_lengths(self) -> np.ndarray:
         "(lyrics, caption) token counts, one row per item."
         return np.array([(len(a), len(b)) for a, b in zip(self.input_ids, self.labels)]).reshape(-1, 2)
+    @property
+    def lengths(self) -> list[int]: return self.token_lengths.sum(1).tolist()
 
     def __getitem__(self, i):
         item = dict(input_ids=self.input_ids[i], labels=self.labels[i], song_idx=self.song_idx[i])

@@ -207,10 +207,15 @@ class AlcapForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
                 if w is not None: maps.append(w)
         return AlcapEncoderOutput(last_hidden_state=h, h_t=h_t, fusion_attentions=tuple(maps) or None)
 
+    def padded_vocab(self, cuda: bool, multiple: int|None = None) -> int:
+        "Columns of the LM head's matmul: $|V|$ padded to `multiple` (None: `vocab_multiple` on a GPU, none on a CPU)."
+        V = self.config.vocab_size
+        return V - V % -(multiple or (self.vocab_multiple if cuda else 1))
+
     def lm_logits(self, hidden, multiple: int|None = None):
         "The LM head, $h W^T + b$, with $|V|$ padded to `multiple` in the matmul (None: `vocab_multiple` on a GPU)."
         V = self.config.vocab_size
-        pad = -V % (multiple or (self.vocab_multiple if hidden.is_cuda else 1))
+        pad = self.padded_vocab(hidden.is_cuda, multiple) - V
         if pad:   # the extra rows of W are zeros, and their logits are sliced off before the bias and the softmax
             logits = F.linear(hidden, F.pad(self.lm_head.weight, (0, 0, 0, pad)))[..., :V]
         else:
