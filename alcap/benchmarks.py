@@ -15,6 +15,7 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from .adafactor import count_step
 from .core import atomic_write, hardware
 from .data import Collator, Song, SongDataset, bucket_length, train_bpe_tokenizer
 from .model import AlcapForConditionalGeneration, bart_base_config, tiny_bart_config
@@ -26,7 +27,7 @@ from .train import (RECIPE_OPTIONS, Dist, StepWindow, TrainConfig, _autocast, bu
 __all__ = ['SI_LYRICS_TOKENS', 'SI_CAPTION_TOKENS', 'SI_MAX_TOKENS', 'SIZES', 'REGIMES', 'HEADLINE', 'si_shaped_songs',
            'si_tokenizer', 'train_flops', 'si_model', 'regime_config', 'regime_collator', 'matmul_peak_tflops',
            'measure_training', 'measure_loader', 'measure_generation', 'padding_by_batching', 'profile_training',
-           'host_syncs', 'versions', 'version_warnings', 'smoke_check', 'run_benchmarks', 'limits',
+           'host_syncs', 'measure_optimizer', 'versions', 'version_warnings', 'smoke_check', 'run_benchmarks', 'limits',
            'benchmarks_markdown', 'main', 'regime_losses', 'converge_both']
 
 # %% ../nbs/08_benchmarks.ipynb #9c772546
@@ -120,7 +121,8 @@ def regime_config(regime: str, size: str, torch_compile: bool = False) -> TrainC
     default)."""
     if regime not in REGIMES: raise ValueError(f"regime={regime!r}: must be one of {REGIMES}")
     p, max_len = SIZES[size], _max_len(SIZES[size])
-    own = {'reference': dict(optimizer='adafactor', precision='fp32', grad_clip=0.0, num_workers=0, do_sample=True,
+    # the reference's Adafactor is the authors' call, run by transformers' class itself (`measure_training`)
+    own = {'reference': dict(optimizer='adafactor-hf', precision='fp32', grad_clip=0.0, num_workers=0, do_sample=True,
                              batching='shuffle', lm_head='all'),
            'ours': dict(optimizer='adamw', precision='auto', grad_clip=1.0, batching='buckets', do_sample=False,
                         torch_compile=torch_compile, lm_head='labels'),
@@ -176,12 +178,17 @@ def _sampler(dataset, c: TrainConfig, seed: int):
     "The trainer's batches for `c` (its `batching`), drawn with `seed`."
     return train_sampler(dataclasses.replace(c, seed=seed), dataset.token_lengths, Dist())
 
+def _optimizer_name(c: TrainConfig, device, authors_adafactor: bool = False) -> str:
+    if c.optimizer == 'adamw': return f"adamw{' (fused)' if device.type == 'cuda' else ''}"
+    return f"{c.optimizer} ({'transformers' if authors_adafactor else 'SyncFreeAdafactor'})"
+
 def measure_training(model, dataset, collate, c: TrainConfig, device, steps: int, warmup: int = 2,
-                     time_cap: float = math.inf, seed: int = 0,
-                     log_every: int | None = None) -> dict:
-    "Wall-clock training throughput of the trainer's step on `dataset` (data loading included), after `warmup` steps."
+                     time_cap: float = math.inf, seed: int = 0, log_every: int | None = None,
+                     authors_adafactor: bool = False) -> dict:
+    """Wall-clock training throughput of the trainer's step on `dataset` (data loading included), after `warmup` steps
+    (`authors_adafactor`: Adafactor run by `transformers.Adafactor`, as the authors' code)."""
     sampler = _sampler(dataset, c, seed)
-    opt, sched = build_optimizer(c, model, steps + warmup + 1)
+    opt, sched = build_optimizer(c, model, steps + warmup + 1, authors_adafactor)
     fwd = torch.compile(model) if c.torch_compile and device.type == 'cuda' else model
     model.train()
     _reset_peak(device)
@@ -218,7 +225,7 @@ def measure_training(model, dataset, collate, c: TrainConfig, device, steps: int
         padding_fraction=round(1 - n['tokens'] / n['padded'], 3),
         distinct_shapes=len(shapes),
         precision='bf16 autocast' if uses_bf16(c.precision, device.type == 'cuda') else 'fp32',
-        optimizer=f"{c.optimizer}{' (fused)' if c.optimizer == 'adamw' and device.type == 'cuda' else ''}",
+        optimizer=_optimizer_name(c, device, authors_adafactor),
         peak_memory_gb=_peak_gb(device),
         final_loss=round(float(np.mean([r['loss'] for r in rows[-10:]])), 4) if rows else None,
         losses=[r['loss'] for r in rows],
@@ -359,6 +366,35 @@ def host_syncs(model, dataset, collate, c: TrainConfig, device, seed: int = 0) -
     _sync(device)
     sites = [dict(op=op, site=site, count=n) for (op, site), n in sorted(spy.sites.items(), key=lambda x: -x[1])]
     return dict(total=sum(spy.sites.values()), sites=sites)
+
+# %% ../nbs/08_benchmarks.ipynb #f41bd9d1
+def measure_optimizer(model, c: TrainConfig, device, steps: int = 10, warmup: int = 2, seed: int = 0) -> dict:
+    """Adafactor steps on `model`'s parameters, by `transformers.Adafactor` (the authors' code) and `SyncFreeAdafactor`
+    (the trainer's): ms per step, operations and host reads of one step, and the largest gap between their results."""
+    c = dataclasses.replace(c, optimizer='adafactor-hf')
+    init = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    gen = torch.Generator().manual_seed(seed)
+    grads = [torch.randn(p.shape, generator=gen).mul_(1e-3).to(device) for p in model.parameters()]
+    out, theirs = {}, None
+    for name, authors in (('transformers', True), ('sync_free', False)):
+        model.load_state_dict(init)
+        for p, g in zip(model.parameters(), grads): p.grad = g   # both read the gradients, neither writes them
+        opt, _ = build_optimizer(c, model, warmup + steps + 1, authors_adafactor=authors)
+        for _ in range(warmup): opt.step()
+        counted = count_step(opt)
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps): opt.step()
+        _sync(device)
+        out[name] = dict(ms_per_step=round((time.perf_counter() - t0) / steps * 1e3, 2), **counted,
+                         optimizer=_optimizer_name(c, device, authors))
+        if theirs is None: theirs = [p.detach().clone() for p in model.parameters()]
+        del opt
+    out['max_param_gap'] = max(float((p.detach() - q).abs().max()) for p, q in zip(model.parameters(), theirs))
+    out['parameter_tensors'], out['steps'] = len(grads), steps
+    model.load_state_dict(init)
+    model.zero_grad(set_to_none=True)
+    return out
 
 # %% ../nbs/08_benchmarks.ipynb #65222951
 def versions() -> dict:
@@ -521,7 +557,7 @@ class _Workload:
                                 torch_compile=compiled)
         warmup = self.p['warmup'] if warmup is None else warmup
         r = measure_training(self.model, self.ds['train'], self.col[regime], c, self.device, steps or self.p['steps'],
-                             warmup, time_cap=cap, seed=self.seed)
+                             warmup, time_cap=cap, seed=self.seed, authors_adafactor=regime == 'reference')
         peak = (self.run.R.get('peak') or {}).get('tflops')
         r['mfu'] = round(r['flops_per_s'] / (peak * 1e12), 4) if peak else None
         r.pop('losses')
@@ -601,7 +637,7 @@ def _generation_phases(w: _Workload) -> dict|None:
 
 # %% ../nbs/08_benchmarks.ipynb #dfac3fa2
 def _where_time_goes(w: _Workload):
-    "A profile of ours' training steps, and its data loader alone."
+    "A profile of ours' training steps, its host syncs, the Adafactor step alone, and the data loader alone."
     def profile_ours():
         w.model.load_state_dict(w.init)
         return profile_training(w.model, w.ds['train'], w.col['ours'], w.cfg['ours'], w.device, w.p['profile_steps'],
@@ -611,6 +647,8 @@ def _where_time_goes(w: _Workload):
         w.model.load_state_dict(w.init)
         return host_syncs(w.model, w.ds['train'], w.col['ours'], w.cfg['ours'], w.device, w.seed)
     w.run.R['syncs'] = w.run.phase('host syncs of one step of ours', w.need(5), syncs_ours)
+    w.run.R['optimizer_step'] = w.run.phase('Adafactor step alone: transformers against SyncFreeAdafactor',
+                                            w.need(10), lambda: measure_optimizer(w.model, w.cfg['defaults'], w.device))
     batches = 50 if w.size == 'full' else 5
     w.run.R['loader'] = w.run.phase('data loader alone', w.need(5),
                                     lambda: measure_loader(w.ds['train'], w.col['ours'], w.cfg['ours'], w.device,
@@ -735,6 +773,14 @@ def limits(R: dict) -> list[str]:
         else:   # no queue on a CPU: the same reads are listed as what a GPU would wait for
             out.append(f"One step of ours reads {s['total']} values back from its tensors, which on a GPU would each "
                        f"make the host wait (on a CPU they cost nothing): {where}.")
+    o = R.get('optimizer_step')
+    if o:
+        tf, sf = o['transformers'], o['sync_free']
+        out.append(f"The authors' Adafactor (`transformers.Adafactor`) takes {_f(tf['ms_per_step'], 1)} ms a step "
+                   f"on its own: {_f(tf['ops'])} operations and {_f(tf['host_reads'])} host reads; the trainer's "
+                   f"`SyncFreeAdafactor` {_f(sf['ms_per_step'], 1)} ms, {_f(sf['ops'])} operations and "
+                   f"{_f(sf['host_reads'])} host reads (the parameters differ by at most "
+                   f"{o['max_param_gap']:.1e} after the same steps).")
     if R.get('loader') and ours:
         out.append(f"The data loader alone delivers {_f(R['loader']['samples_per_s'], 0)} samples/s, "
                    f"{_f(R['loader']['samples_per_s'] / max(ours['samples_per_s'], 1e-9), 1)}x what training consumes.")
@@ -786,6 +832,12 @@ def benchmarks_markdown(R: dict) -> str:
         lines.append(f"| training with the trainer's defaults ({dflt.get('optimizer')}, uniform batches, "
                      f"{dflt.get('precision')}), samples/s | | {_f(dflt.get('samples_per_s'))} | "
                      f"{_f(R.get('defaults_train_speedup'), 2, 'x')} |")
+    opt = R.get('optimizer_step') or {}
+    if opt:
+        tf, sf = opt['transformers'], opt['sync_free']
+        lines.append(f"| Adafactor step alone ({opt['parameter_tensors']} parameter tensors), ms: transformers' "
+                     f"against `SyncFreeAdafactor` | {_f(tf['ms_per_step'], 2)} | {_f(sf['ms_per_step'], 2)} | "
+                     f"{_f(tf['ms_per_step'] / max(sf['ms_per_step'], 1e-9), 2, 'x')} |")
     lines.append(
         f"| training tokens/s (real tokens) | {_f(ref.get('tokens_per_s'), 0)} | {_f(ours.get('tokens_per_s'), 0)} | |"
     )

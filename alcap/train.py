@@ -23,6 +23,7 @@ from .music import ENCODERS, FeatureCache
 from .demodata import demo_scores, ensure_demo_data
 from .demodata import ensure_features as ensure_demo_features
 from .losses import SIMILARITIES
+from .adafactor import SyncFreeAdafactor
 from .model import METHODS, AlcapForConditionalGeneration, bart_base_config, check_alpha, tiny_bart_config
 from .losses import first_occurrence, info_nce_log_n
 from .metrics import compute_metrics
@@ -103,8 +104,9 @@ class TrainConfig:
     epochs: int|None = None
     batch_size: int|None = None           # per process
     lr: float|None = None                 # None: the preset's for the optimiser (OPTIMIZER_LRS)
-    optimizer: str|None = None            # (R) 'adafactor-hf' (transformers' defaults, as the original), 'adamw'
-                                          # (fused on GPU) or 'adafactor' (scale_parameter=False)
+    optimizer: str|None = None            # (R) 'adafactor-hf' (transformers' Adafactor with its defaults, as the
+                                          # original; run by SyncFreeAdafactor), 'adamw' (fused on GPU) or 'adafactor'
+                                          # (scale_parameter=False)
     schedule: str|None = None             # 'constant', 'linear' or 'cosine' decay after warm-up
     warmup_steps: int|None = None
     weight_decay: float|None = None       # (R)
@@ -375,15 +377,19 @@ def build_model(c: TrainConfig, tokenizer, d_music: int|None):
     return AlcapForConditionalGeneration.from_bart_config(base, method=c.method, **opts)
 
 # %% ../nbs/03_train.ipynb #8ddf5549
-def build_optimizer(c: TrainConfig, model, total_steps: int):
-    "AdamW (fused on GPU) or Adafactor (ours or transformers' defaults), and a schedule with linear warm-up."
+def build_optimizer(c: TrainConfig, model, total_steps: int, authors_adafactor: bool = False):
+    """AdamW (fused on GPU) or Adafactor (transformers' rule, run by `SyncFreeAdafactor`, or with `authors_adafactor`
+    by `transformers.Adafactor` itself, as the authors' code), and a schedule with linear warm-up."""
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
     groups = [dict(params=decay, weight_decay=c.weight_decay), dict(params=no_decay, weight_decay=0.0)]
-    if c.optimizer == 'adafactor-hf':  # the original's call: a fixed lr, every other setting transformers' default
-        opt = Adafactor(groups, lr=c.lr, relative_step=False, warmup_init=False)
-    elif c.optimizer == 'adafactor':   # scale_parameter=False: the step is lr-sized, not lr x RMS(parameter)
-        opt = Adafactor(groups, lr=c.lr, scale_parameter=False, relative_step=False, warmup_init=False)
+    # 'adafactor-hf' is the original's call (a fixed lr, every other setting transformers' default); 'adafactor' sets
+    # scale_parameter=False: a step lr-sized, not lr x RMS(parameter)
+    adafactor, scale = c.optimizer in ('adafactor-hf', 'adafactor'), c.optimizer == 'adafactor-hf'
+    if adafactor and authors_adafactor:
+        opt = Adafactor(groups, lr=c.lr, scale_parameter=scale, relative_step=False, warmup_init=False)
+    elif adafactor:
+        opt = SyncFreeAdafactor(groups, lr=c.lr, scale_parameter=scale)
     else:
         opt = torch.optim.AdamW(groups, lr=c.lr, fused=next(model.parameters()).is_cuda)
     def factor(step):
