@@ -46,9 +46,9 @@ class SyncFreeAdafactor(torch.optim.Optimizer):
         st = self.state[p]
         if not st:
             st['step'] = 0
-            if p.ndim >= 2:
-                st['exp_avg_sq_row'] = torch.zeros(p.shape[:-1]).to(p.grad)
-                st['exp_avg_sq_col'] = torch.zeros(p.shape[:-2] + p.shape[-1:]).to(p.grad)
+            if p.ndim >= 2:   # made on the device: a copy from the host would wait for the GPU
+                st['exp_avg_sq_row'] = p.grad.new_zeros(p.shape[:-1])
+                st['exp_avg_sq_col'] = p.grad.new_zeros(p.shape[:-2] + p.shape[-1:])
             else:
                 st['exp_avg_sq'] = torch.zeros_like(p.grad)
             st['RMS'] = 0
