@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.optimization import Adafactor
 
+from alcap.adafactor import SyncFreeAdafactor
 from alcap.data import Collator
 from alcap.train import (RECIPES, Dist, TrainConfig, build_model, build_optimizer, load_checkpoint, save_checkpoint,
                          train_step, validate)
@@ -140,7 +141,7 @@ def test_overrides_reach_the_model_and_optimiser():
     c = config(fusion_shared=True, optimizer='adafactor-hf')
     m = model_for(c)
     opt = build_optimizer(c, m, 10)[0]
-    assert len(m.fusion) == 1 and isinstance(opt, Adafactor) and opt.defaults['scale_parameter']
+    assert len(m.fusion) == 1 and isinstance(opt, SyncFreeAdafactor) and opt.defaults['scale_parameter']
     assert not build_optimizer(config(optimizer='adafactor'), m, 10)[0].defaults['scale_parameter']
 
 
