@@ -133,25 +133,3 @@ def test_dense_lines_are_caught(tmp_path):
     p.write_text("a = 1; b = 2\ns = 'x; y'\nif a: c = 3; d = 4\nt = '" + 'z' * 130 + "'\n")
     assert [d.split(': ', 1)[1] for d in dense_lines(p)] == ['136 characters', 'statements joined by ;',
                                                               'statements joined by ;']
-
-
-def unskipped_train_cells(nb: dict) -> list[str]:
-    "Code cells before the papermill parameters of a training notebook that papermill would run: exports excepted."
-    out = []
-    for c in nb['cells']:
-        if c['cell_type'] != 'code': continue
-        tags, src = c['metadata'].get('tags', []), ''.join(c['source'])
-        if 'parameters' in tags: break
-        if 'skip-execution' not in tags and not src.startswith(('#| export', '#| default_exp')):
-            out.append(src.splitlines()[0] if src else '(empty cell)')
-    return out
-
-
-def test_training_notebook_runs_only_its_job():
-    "papermill runs 03_train from the top: its examples and tests, which need their test data, are skipped there."
-    import json
-    nb = json.loads((ROOT/'nbs'/'03_train.ipynb').read_text())
-    assert any('parameters' in c['metadata'].get('tags', []) for c in nb['cells'])
-    assert not unskipped_train_cells(nb), unskipped_train_cells(nb)
-    nb['cells'].insert(3, dict(cell_type='code', metadata={}, source=['test_eq(1, 1)']))
-    assert unskipped_train_cells(nb) == ['test_eq(1, 1)']
