@@ -29,17 +29,17 @@ from .losses import first_occurrence, info_nce_log_n
 from .metrics import compute_metrics
 
 # %% auto #0
-__all__ = ['DATASETS', 'DEMO_N', 'OPTIMIZERS', 'SCHEDULES', 'TEXT_INITS', 'MODEL_SIZES', 'PRECISIONS', 'LM_HEADS', 'PRESETS',
-           'OPTIMIZER_LRS', 'RECIPES', 'RECIPE_OPTIONS', 'BEST_METRICS', 'GENERATION_PARAMS', 'STEP_FIELDS',
-           'EPOCH_FIELDS', 'TrainConfig', 'validate', 'check_train_params', 'Dist', 'setup_distributed',
-           'seed_everything', 'load_dataset_songs', 'ensure_features', 'fusion_layers', 'build_model',
-           'build_optimizer', 'save_torch', 'save_checkpoint', 'load_checkpoint', 'generation_kwargs',
+__all__ = ['DATASETS', 'DEMO_N', 'OPTIMIZERS', 'SCHEDULES', 'TEXT_INITS', 'MODEL_SIZES', 'PRECISIONS', 'LM_HEADS',
+           'COMPILE_MODES', 'PRESETS', 'OPTIMIZER_LRS', 'RECIPES', 'RECIPE_OPTIONS', 'BEST_METRICS',
+           'GENERATION_PARAMS', 'STEP_FIELDS', 'EPOCH_FIELDS', 'TrainConfig', 'validate', 'check_train_params', 'Dist',
+           'setup_distributed', 'seed_everything', 'load_dataset_songs', 'ensure_features', 'fusion_layers',
+           'build_model', 'build_optimizer', 'save_torch', 'save_checkpoint', 'load_checkpoint', 'generation_kwargs',
            'generation_settings', 'generate_captions', 'uses_bf16', 'CsvLog', 'run_tokenizer', 'write_captions',
            'data_manifest', 'same_data', 'Run', 'load_run_data', 'train_sampler', 'recipe_batch', 'add_model',
-           'nothing_to_train', 'write_run_config', 'attach_loop', 'default_num_workers', 'train_loader',
-           'contrast_weight', 'host_indices', 'train_step', 'StepWindow', 'train_epoch', 'validation_losses',
-           'generation_scores', 'validate_epoch', 'end_epoch', 'finish_run', 'inference_settings', 'finish', 'train',
-           'train_cli']
+           'nothing_to_train', 'write_run_config', 'cuda_graphs', 'compiled', 'attach_loop', 'default_num_workers',
+           'train_loader', 'contrast_weight', 'host_indices', 'train_step', 'StepWindow', 'train_epoch',
+           'validation_losses', 'generation_scores', 'validate_epoch', 'end_epoch', 'finish_run', 'inference_settings',
+           'finish', 'train', 'train_cli']
 
 # %% ../nbs/03_train.ipynb #3244ccbe
 DATASETS = ('demo', 'si-full', 'si-votes-ge0', 'si-votes-gt0', 'ncm', 'jsonl')
@@ -47,6 +47,7 @@ DEMO_N = 240      # the demo's quick default: songs generated when neither demo_
 OPTIMIZERS, SCHEDULES = ('adamw', 'adafactor', 'adafactor-hf'), ('constant', 'linear', 'cosine')
 TEXT_INITS, MODEL_SIZES, PRECISIONS = ('pretrained', 'random'), ('tiny', 'base'), ('auto', 'bf16', 'fp32')
 LM_HEADS = ('auto', 'labels', 'all')
+COMPILE_MODES = ('default', 'reduce-overhead')
 
 PRESETS = {
     # a small random-init BART that learns the demo in minutes on 2 CPU cores
@@ -154,9 +155,12 @@ class TrainConfig:
     num_workers: int|None = None          # data-loading processes (None: 4 on a GPU, so collation overlaps the step;
                                           # 0 on a CPU)
     torch_compile: bool = False           # GPU only: torch.compile the training forward/backward (minutes of warm-up)
+    compile_mode: str = 'default'         # its mode: 'reduce-overhead' also replays the step as CUDA graphs, one per
+                                          # batch shape (so the LM head runs on every position: lm_head 'all')
     lm_head: str = 'auto'                 # where the LM head runs in training and validation: 'labels' (the label
                                           # tokens only), 'all' (every decoder position, as the original) or 'auto'
-                                          # (labels on a GPU, all on a CPU); the same loss up to float rounding
+                                          # (labels on a GPU without CUDA graphs, else all); the same loss up to
+                                          # float rounding
 
     @property
     def preset(self) -> str: return 'demo' if self.dataset in ('demo', 'jsonl') else 'si'
@@ -207,8 +211,11 @@ def _check_choices(c: TrainConfig):
     for name, options in dict(dataset=DATASETS, method=METHODS, similarity=SIMILARITIES, optimizer=OPTIMIZERS,
                               schedule=SCHEDULES, text_init=TEXT_INITS, model_size=MODEL_SIZES,
                               precision=PRECISIONS, music_encoder=ENCODERS, pairing=PAIRINGS,
-                              lm_head=LM_HEADS).items():
+                              lm_head=LM_HEADS, compile_mode=COMPILE_MODES).items():
         _choice(name, getattr(c, name), options)
+    if c.compile_mode == 'reduce-overhead' and c.lm_head == 'labels':
+        raise ValueError("parameter lm_head='labels' with compile_mode='reduce-overhead': each batch's label count "
+                         "is a new shape, and CUDA graphs record one graph per shape; use lm_head 'all' or 'auto'")
     if not (isinstance(c.alpha, (int, float)) and math.isfinite(c.alpha) and c.alpha >= 0):
         raise ValueError(f"parameter alpha={c.alpha!r}: must be a number >= 0")
     check_alpha(c.method, c.alpha, 'parameter alpha')
@@ -533,7 +540,8 @@ def write_captions(path, songs, predictions):
 
 # %% ../nbs/03_train.ipynb #64f68bed
 # how the steps are computed, not what they compute: a run may resume with other values
-_RUN_KEYS_ALLOWED_TO_CHANGE = {'output_dir', 'max_steps', 'num_workers', 'save_every', 'torch_compile', 'lm_head'}
+_RUN_KEYS_ALLOWED_TO_CHANGE = {'output_dir', 'max_steps', 'num_workers', 'save_every', 'torch_compile', 'compile_mode',
+                               'lm_head'}
 
 def data_manifest(data_dir) -> dict|None:
     "The dataset's `dataset.json` (a run records it as what it was trained on), or None for data without one."
@@ -667,13 +675,23 @@ def write_run_config(run: Run, command: str|None = None):
     atomic_write(run.out/'config.json', json.dumps(meta, indent=1))
 
 # %% ../nbs/03_train.ipynb #650d526c
+def cuda_graphs(c: TrainConfig, device) -> bool:
+    "Whether the step replays as CUDA graphs: `torch_compile` with compile_mode 'reduce-overhead', on a GPU."
+    return bool(c.torch_compile) and c.compile_mode == 'reduce-overhead' and device.type == 'cuda'
+
+def compiled(fwd, c: TrainConfig, device):
+    "`fwd` under `torch.compile` in `c.compile_mode` where `c.torch_compile` asks for it on a GPU; else `fwd` itself."
+    return torch.compile(fwd, mode=c.compile_mode) if c.torch_compile and device.type == 'cuda' else fwd
+
 def attach_loop(run: Run) -> Run:
     "The forward the steps call and, on the main process, the step and epoch logs."
     ctx, fwd = run.ctx, run.model
+    if ctx.world > 1 and cuda_graphs(run.c, ctx.device):   # DDP's all-reduce hooks fire inside the graphed backward
+        raise ValueError("parameter compile_mode='reduce-overhead': one process only; use 'default' with several")
     if ctx.world > 1:
         fwd = torch.nn.parallel.DistributedDataParallel(
             fwd, device_ids=[ctx.device.index] if ctx.device.type == 'cuda' else None)
-    run.fwd = torch.compile(fwd) if run.c.torch_compile and ctx.device.type == 'cuda' else fwd
+    run.fwd = compiled(fwd, run.c, ctx.device)
     if ctx.main:
         keep = run.state['step'] if run.resumed else None
         run.step_log = CsvLog(run.out/'log_steps.csv', STEP_FIELDS, keep)
@@ -709,7 +727,7 @@ def host_indices(batch: dict, c: TrainConfig, device, world: int = 1) -> dict:
     `label_index` (the real label tokens) when `c.lm_head` wants it, and `contrast_keep_index` (each song's first
     row, the rows InfoNCE keeps) in one process, where the batch is the whole InfoNCE batch."""
     out = {}
-    on = c.lm_head == 'labels' or (c.lm_head == 'auto' and device.type == 'cuda')
+    on = c.lm_head == 'labels' or (c.lm_head == 'auto' and device.type == 'cuda' and not cuda_graphs(c, device))
     if on and c.caption_loss == 'tokens':   # 'positions': every position is a label, none to skip
         out['label_index'] = _to(batch['labels'].flatten().ne(-100).nonzero().squeeze(1), device)
     if world == 1 and c.method == 'alcap' and 'song_ids' in batch:
@@ -724,6 +742,8 @@ def train_step(fwd, model, batch, opt, sched, c: TrainConfig, device, world: int
     counts = torch.stack([y.ne(-100).sum(), y.new_tensor(len(y) * c.max_target_len)])  # label tokens, positions
     if world > 1: dist.all_reduce(counts)
     n_tok, n_pos = counts[0], counts[1]
+    graphs = cuda_graphs(c, device)
+    if graphs: torch.compiler.cudagraph_mark_step_begin()   # a new step: the last one's graph outputs may be reused
     with _autocast(c, device): o = fwd(**batch, num_items_in_batch=n_tok, **indices)
     alpha = contrast_weight(c, n_tok, n_pos) if o.loss_contrast is not None else None
     loss = o.loss_cap if alpha is None else o.loss_cap + alpha * o.loss_contrast
@@ -736,6 +756,8 @@ def train_step(fwd, model, batch, opt, sched, c: TrainConfig, device, world: int
     # here), and the same InfoNCE over the gathered batch (averaged: equal on every process)
     cap = o.loss_cap.detach().float()
     con = o.loss_contrast.detach().float() if alpha is not None else None
+    if graphs:   # the graph's outputs live in its memory, which the next step's replay overwrites
+        cap, con = cap.clone(), (con.clone() if con is not None else None)
     if world > 1:
         parts = torch.stack([cap, con if con is not None else torch.zeros_like(cap)])
         dist.all_reduce(parts)

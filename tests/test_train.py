@@ -257,3 +257,50 @@ def test_papermill_runs_skip_the_notebook_examples():
     examples += [c for c in cells[:run] if ''.join(c['source']).startswith('#| hide')]
     assert examples and all('skip-execution' in c['metadata'].get('tags', []) for c in examples)
     assert not any('skip-execution' in c['metadata'].get('tags', []) for c in cells[run:])
+
+
+# --- CUDA graphs -----------------------------------------------------------------------------------
+
+def _graph_steps(device, mode: str|None, steps: int = 6):
+    "Steps of a dropout-free tiny captioner on two alternating batch shapes: each step's logged losses, the weights."
+    from alcap.model import AlcapForConditionalGeneration, tiny_bart_config
+    from alcap.train import build_optimizer, compiled, train_step
+    torch.manual_seed(0)
+    base = tiny_bart_config(99, d_model=32, heads=4, ffn=64, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
+    model = AlcapForConditionalGeneration.from_bart_config(base, 'alcap', alpha=0.5, fusion_layers=[1], d_music=16,
+                                                           contrast_proj_dim=8).to(device).train()
+    c = TrainConfig(method='alcap', alpha=0.5, model_size='tiny', text_init='random', optimizer='adamw', lr=1e-3,
+                    precision='fp32', batch_size=4, max_source_len=64, max_target_len=64,
+                    torch_compile=mode is not None, compile_mode=mode or 'default').resolve()
+    opt, sched = build_optimizer(c, model, steps)
+    fwd = compiled(model, c, device)
+    g = torch.Generator().manual_seed(1)
+    logged = []
+    for k in range(steps):
+        L, T = (64, 32) if k % 2 == 0 else (32, 64)
+        ids = torch.randint(3, 99, (4, L), generator=g)
+        am = torch.ones(4, L, dtype=torch.long)
+        am[1, L // 2:] = 0
+        labels = torch.randint(3, 99, (4, T), generator=g)
+        labels[2, T // 3:] = -100
+        batch = dict(input_ids=ids.masked_fill(am == 0, 1), attention_mask=am, labels=labels,
+                     music_features=torch.randn(4, 13, 16, generator=g), music_attention_mask=torch.ones(4, 13),
+                     song_ids=torch.arange(4))
+        logged.append(train_step(fwd, model, batch, opt, sched, c, device))
+    # read only now, after every later step's replay: a logged loss that aliased a graph's memory would have changed
+    losses = [{k: float(v) for k, v in row.items()} for row in logged]
+    return losses, {k: p.detach().cpu() for k, p in model.named_parameters()}
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_steps_are_the_eager_steps():
+    "Steps replayed as CUDA graphs (compile_mode 'reduce-overhead') log and learn what the eager steps do."
+    assert torch.cuda.is_available()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    device = torch.device('cuda')
+    eager, w_eager = _graph_steps(device, None)
+    graphs, w_graphs = _graph_steps(device, 'reduce-overhead')
+    for a, b in zip(eager, graphs):
+        assert a.keys() == b.keys()
+        for k in a: assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), k
+    for k in w_eager: torch.testing.assert_close(w_graphs[k], w_eager[k], atol=1e-4, rtol=1e-3, msg=k)

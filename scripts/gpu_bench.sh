@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# On a GPU machine without a package index (wheels from scripts/gpu_wheels.sh in .whl/), from the repository root:
+# the GPU-marked tests of the model and the optimiser, then the whole benchmark with torch.compile, written to $OUT
+# (default: results/gpu_run). Copy $OUT/benchmarks.{json,md} into results/ only from such a GPU run.
+set -o pipefail
+OUT=${OUT:-results/gpu_run}
+BUDGET_S=${BUDGET_S:-460}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  || exit 1
+export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+nvidia-smi --query-gpu=name,memory.used --format=csv
+python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_model.py tests/test_adafactor.py tests/test_train.py \
+  2>&1 | tee "$OUT/gpu_tests.txt"
+python3 -m alcap.benchmarks --out "$OUT" --budget-s "$BUDGET_S" --compile 2>&1 | tee "$OUT/benchmark_log.txt"
