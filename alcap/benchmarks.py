@@ -194,7 +194,8 @@ def measure_training(model, dataset, collate, c: TrainConfig, device, steps: int
     _reset_peak(device)
     window, rows, shapes = StepWindow(log_every or (10 if device.type == 'cuda' else 1)), [], set()
     n = dict(samples=0, tokens=0, padded=0, flops=0.0)
-    batches, t_start, t0, done = _epochs(dataset, sampler, collate, c, device), time.perf_counter(), None, 0
+    batches, t_start, t0 = _epochs(dataset, sampler, collate, c, device), time.perf_counter(), None
+    done, new_timed = 0, 0
     for k in range(warmup + steps):
         if k == warmup:  # the clock starts once the warm-up's work is finished
             rows += window.flush()
@@ -202,7 +203,9 @@ def measure_training(model, dataset, collate, c: TrainConfig, device, steps: int
             t0, n = time.perf_counter(), dict(samples=0, tokens=0, padded=0, flops=0.0)
         b = next(batches)
         S, T = b['attention_mask'].sum(1).numpy(), b['labels'].ne(-100).sum(1).numpy()
-        shapes.add((b['input_ids'].shape[1], b['labels'].shape[1]))
+        shape = (b['input_ids'].shape[1], b['labels'].shape[1])
+        new_timed += t0 is not None and shape not in shapes   # compiled: a new shape compiles or records in the clock
+        shapes.add(shape)
         n['samples'] += len(S)
         n['tokens'] += int(S.sum() + T.sum())
         n['padded'] += b['input_ids'].numel() + b['labels'].numel()
@@ -224,6 +227,7 @@ def measure_training(model, dataset, collate, c: TrainConfig, device, steps: int
         flops_per_s=n['flops'] / dt,
         padding_fraction=round(1 - n['tokens'] / n['padded'], 3),
         distinct_shapes=len(shapes),
+        shapes_first_seen_timed=new_timed,
         precision='bf16 autocast' if uses_bf16(c.precision, device.type == 'cuda') else 'fp32',
         optimizer=_optimizer_name(c, device, authors_adafactor),
         compile_mode=c.compile_mode if c.torch_compile and device.type == 'cuda' else None,
@@ -693,8 +697,16 @@ def _checkpoint_phase(w: _Workload):
     w.run.R['checkpoint'] = w.run.phase('one checkpoint write (model + AdamW state)', w.need(15), checkpoint)
 
 # %% ../nbs/08_benchmarks.ipynb #beb1baf9
-def _extra_phases(w: _Workload, g: dict|None, torch_compile: bool):
-    "If the budget still allows: generation at batch 256 on a GPU, and training under `torch.compile` when asked."
+def _compiled_phases(w: _Workload):
+    "Ours' training under `torch.compile`: with CUDA graphs, then without (the cap counts the compiling warm-up too)."
+    for key, mode, name in (('ours_cuda_graphs', 'reduce-overhead', 'torch.compile with CUDA graphs'),
+                            ('ours_compiled', 'default', 'torch.compile')):
+        r = w.run.phase(f'training, ours, {name}', 150,
+                        lambda: w.train('ours', cap=max(60, min(150, w.run.left() - 30)), compile_mode=mode))
+        if r: w.run.R['train'][key] = r
+
+def _extra_phases(w: _Workload, g: dict|None):
+    "If the budget still allows: generation at batch 256 on a GPU."
     R = w.run.R
     if g and not g['extrapolated'] and w.device.type == 'cuda':
         g2 = w.run.phase('generation, ours, batch 256', g['seconds'] + 15,
@@ -705,13 +717,6 @@ def _extra_phases(w: _Workload, g: dict|None, torch_compile: bool):
             if not g2['extrapolated'] and g2['seconds'] < g['seconds']:
                 R['notes'].append(f"generation at batch 256 took {g2['seconds']} s against {g['seconds']} s "
                                   "at batch 128 (the default)")
-    if torch_compile:
-        # CUDA graphs first (never timed on a GPU before); the cap counts the compiling warm-up too
-        for key, mode, name in (('ours_cuda_graphs', 'reduce-overhead', 'torch.compile with CUDA graphs'),
-                                ('ours_compiled', 'default', 'torch.compile')):
-            r = w.run.phase(f'training, ours, {name}', 150,
-                            lambda: w.train('ours', cap=max(60, min(150, w.run.left() - 30)), compile_mode=mode))
-            if r: R['train'][key] = r
 
 # %% ../nbs/08_benchmarks.ipynb #eaf9a97e
 def run_benchmarks(out, size: str = 'auto', budget_s: float = 330, torch_compile: bool = False, seed: int = 0,
@@ -732,11 +737,12 @@ def run_benchmarks(out, size: str = 'auto', budget_s: float = 330, torch_compile
     R['padding'] = run.phase('padding by batching', 1,
                              lambda: padding_by_batching(w.ds['train'], w.col['ours'], w.cfg['ours'], seed))
     ours = _training_phases(w)
+    if torch_compile: _compiled_phases(w)   # asked for: before the phases that earlier runs have measured already
     g = _generation_phases(w)
     _where_time_goes(w)
     _batch_sweep(w, ours)
     _checkpoint_phase(w)
-    _extra_phases(w, g, torch_compile)
+    _extra_phases(w, g)
     R['status'] = 'done' if all(ph['status'] == 'done' for ph in R['phases']) else 'partial'
     R['errors'] = [ph['name'] for ph in R['phases'] if ph['status'].startswith('error')]
     run.save()
@@ -887,8 +893,8 @@ def benchmarks_markdown(R: dict) -> str:
     rows += [(f"training, ours, batch {r['batch_size']}", r) for r in tr.get('batch_sizes', [])[1:]]
     rows += [(f'training, ours, {_compiled_name(name, tr[k])}', tr[k]) for k, name in COMPILED.items() if tr.get(k)]
     keys = ('batch_size', 'steps', 'warmup_steps', 'warmup_seconds', 'seconds', 'samples_per_s', 'tokens_per_s', 'mfu',
-            'padding_fraction', 'distinct_shapes', 'precision', 'optimizer', 'compile_mode', 'peak_memory_gb',
-            'final_loss', 'error')
+            'padding_fraction', 'distinct_shapes', 'shapes_first_seen_timed', 'precision', 'optimizer', 'compile_mode',
+            'peak_memory_gb', 'final_loss', 'error')
     lines += ['| run | ' + ' | '.join(keys) + ' |', '|---' * (len(keys) + 1) + '|']
     cell = lambda x: _f(x, 4) if isinstance(x, float) else _f(x)
     lines += [f'| {name} | ' + ' | '.join(cell(r.get(k)) for k in keys) + ' |' for name, r in rows if r]

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Wheels for a GPU machine that has Python 3.12 and torch 2.11 but no package index: the versions this checkout's
-# .venv holds (set up by `bash .ci/setup`), of the packages the benchmark and the GPU tests import beyond torch.
-# Written to .whl/ (ignored by git); scripts/gpu_bench.sh installs them there.
+# .venv holds (set up by `bash .ci/setup`), of the packages the benchmark and the GPU tests import that such an image
+# lacks, or has at another version (an image with transformers 5.17 and huggingface_hub 1.33 was seen: the hub
+# satisfies transformers 5.24 and stays). Written to .whl/ (ignored by git); scripts/gpu_bench.sh installs them there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 [ -x "$PY" ] || { echo "gpu_wheels: $PY not found: run 'bash .ci/setup' first" >&2; exit 2; }
-PACKAGES="transformers tokenizers huggingface_hub httpx2 httpcore2 hf-xet safetensors regex typer fastcore nltk
-defusedxml rouge_score soundfile"
+PACKAGES="transformers tokenizers safetensors regex fastcore nltk defusedxml rouge_score soundfile cffi pycparser"
 mkdir -p .whl
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
 for name in $PACKAGES; do
