@@ -704,6 +704,8 @@ def _compiled_phases(w: _Workload):
         r = w.run.phase(f'training, ours, {name}', 150,
                         lambda: w.train('ours', cap=max(60, min(150, w.run.left() - 30)), compile_mode=mode))
         if r: w.run.R['train'][key] = r
+        # the compiled code and the CUDA graphs' memory pools outlive the phase: later phases measure without them
+        torch._dynamo.reset()
 
 def _extra_phases(w: _Workload, g: dict|None):
     "If the budget still allows: generation at batch 256 on a GPU."
