@@ -24,7 +24,7 @@ from .train import (RECIPE_OPTIONS, Dist, StepWindow, TrainConfig, _autocast, bu
                          train_sampler, train_step, uses_bf16, validate)
 
 # %% auto #0
-__all__ = ['SI_LYRICS_TOKENS', 'SI_CAPTION_TOKENS', 'SI_MAX_TOKENS', 'SIZES', 'REGIMES', 'HEADLINE', 'COMPILED',
+__all__ = ['SI_LYRICS_TOKENS', 'SI_CAPTION_TOKENS', 'SI_MAX_TOKENS', 'SIZES', 'REGIMES', 'HEADLINE', 'COMPILE_PHASES', 'COMPILED',
            'si_shaped_songs', 'si_tokenizer', 'train_flops', 'si_model', 'regime_config', 'regime_collator',
            'matmul_peak_tflops', 'measure_training', 'measure_loader', 'measure_generation', 'padding_by_batching',
            'profile_training', 'host_syncs', 'measure_optimizer', 'versions', 'version_warnings', 'smoke_check',
@@ -697,10 +697,13 @@ def _checkpoint_phase(w: _Workload):
     w.run.R['checkpoint'] = w.run.phase('one checkpoint write (model + AdamW state)', w.need(15), checkpoint)
 
 # %% ../nbs/08_benchmarks.ipynb #beb1baf9
-def _compiled_phases(w: _Workload):
-    "Ours' training under `torch.compile`: with CUDA graphs, then without (the cap counts the compiling warm-up too)."
-    for key, mode, name in (('ours_cuda_graphs', 'reduce-overhead', 'torch.compile with CUDA graphs'),
-                            ('ours_compiled', 'default', 'torch.compile')):
+COMPILE_PHASES = {'reduce-overhead': ('ours_cuda_graphs', 'torch.compile with CUDA graphs'),
+                  'default': ('ours_compiled', 'torch.compile')}
+
+def _compiled_phases(w: _Workload, modes: tuple):
+    "Ours' training under `torch.compile` in each of `modes` (the cap counts the compiling warm-up too)."
+    for mode in modes:
+        key, name = COMPILE_PHASES[mode]
         r = w.run.phase(f'training, ours, {name}', 150,
                         lambda: w.train('ours', cap=max(60, min(150, w.run.left() - 30)), compile_mode=mode))
         if r: w.run.R['train'][key] = r
@@ -739,9 +742,10 @@ def run_benchmarks(out, size: str = 'auto', budget_s: float = 330, torch_compile
     R['padding'] = run.phase('padding by batching', 1,
                              lambda: padding_by_batching(w.ds['train'], w.col['ours'], w.cfg['ours'], seed))
     ours = _training_phases(w)
-    if torch_compile: _compiled_phases(w)   # asked for: before the phases that earlier runs have measured already
+    if torch_compile: _compiled_phases(w, ('reduce-overhead',))   # never measured on a GPU: before the rest
     g = _generation_phases(w)
     _where_time_goes(w)
+    if torch_compile: _compiled_phases(w, ('default',))
     _batch_sweep(w, ours)
     _checkpoint_phase(w)
     _extra_phases(w, g)
@@ -817,7 +821,7 @@ def limits(R: dict) -> list[str]:
         )
     return out
 
-COMPILED = {'ours_cuda_graphs': 'torch.compile with CUDA graphs', 'ours_compiled': 'torch.compile'}
+COMPILED = dict(COMPILE_PHASES.values())   # the result's key -> the phase's name
 
 def _compiled_name(name: str, r: dict) -> str:
     "The compiled phase's name; off a GPU the trainer runs the step eagerly, and the name says so."
