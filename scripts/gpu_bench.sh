@@ -6,6 +6,8 @@ set -o pipefail
 OUT=${OUT:-results/gpu_run}
 BUDGET_S=${BUDGET_S:-450}   # with the install and the tests, under 10 minutes: one device call (timeout 590)
 mkdir -p "$OUT"
+ls .whl/*.whl >/dev/null 2>&1 \
+  || { echo "gpu_bench: no wheels in .whl/: run scripts/gpu_wheels.sh first and carry .whl" >&2; exit 2; }
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || exit 1
 export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
