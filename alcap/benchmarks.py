@@ -230,7 +230,7 @@ def measure_training(model, dataset, collate, c: TrainConfig, device, steps: int
         shapes_first_seen_timed=new_timed,
         precision='bf16 autocast' if uses_bf16(c.precision, device.type == 'cuda') else 'fp32',
         optimizer=_optimizer_name(c, device, authors_adafactor),
-        compile_mode=c.compile_mode if c.torch_compile and device.type == 'cuda' else None,
+        compile_mode=c.compile_mode if fwd is not model else None,
         warmup_seconds=round(t0 - t_start, 1),   # compiling and recording CUDA graphs included
         peak_memory_gb=_peak_gb(device),
         final_loss=round(float(np.mean([r['loss'] for r in rows[-10:]])), 4) if rows else None,
@@ -560,8 +560,8 @@ class _Workload:
         self.model.load_state_dict(self.init)
         self.model.zero_grad(set_to_none=True)
         c = dataclasses.replace(self.cfg[regime], batch_size=batch_size or self.cfg[regime].batch_size)
-        if compile_mode:   # CUDA graphs ('reduce-overhead') need fixed shapes: the LM head on every position
-            head = 'all' if compile_mode == 'reduce-overhead' else c.lm_head
+        if compile_mode:   # ours' 'labels' is refused under CUDA graphs: there the trainer's 'auto' picks the head
+            head = 'auto' if compile_mode == 'reduce-overhead' else c.lm_head
             c = dataclasses.replace(c, torch_compile=True, compile_mode=compile_mode, lm_head=head)
         warmup = self.p['warmup'] if warmup is None else warmup
         r = measure_training(self.model, self.ds['train'], self.col[regime], c, self.device, steps or self.p['steps'],
