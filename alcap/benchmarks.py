@@ -4,13 +4,16 @@
 
 # %% ../nbs/08_benchmarks.ipynb #3c1036e1
 from __future__ import annotations
-import argparse, dataclasses, importlib.metadata, json, math, platform, subprocess, sys, tempfile, time, traceback
+import argparse, contextlib, dataclasses, importlib.metadata, json, logging, math, platform, subprocess, sys, tempfile
+import time, traceback
 _T_START = time.perf_counter()  # the budget of a command-line run counts from here: importing torch included
 from pathlib import Path
 
 import numpy as np
 import torch
 import transformers
+from torch._dynamo.utils import counters
+from torch._inductor.cudagraph_utils import cudagraphs_log
 from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -26,9 +29,10 @@ from .train import (RECIPE_OPTIONS, Dist, StepWindow, TrainConfig, _autocast, bu
 # %% auto #0
 __all__ = ['SI_LYRICS_TOKENS', 'SI_CAPTION_TOKENS', 'SI_MAX_TOKENS', 'SIZES', 'REGIMES', 'HEADLINE', 'COMPILE_PHASES', 'COMPILED',
            'si_shaped_songs', 'si_tokenizer', 'train_flops', 'si_model', 'regime_config', 'regime_collator',
-           'matmul_peak_tflops', 'measure_training', 'measure_loader', 'measure_generation', 'padding_by_batching',
-           'profile_training', 'host_syncs', 'measure_optimizer', 'versions', 'version_warnings', 'smoke_check',
-           'run_benchmarks', 'limits', 'benchmarks_markdown', 'main', 'regime_losses', 'converge_both']
+           'matmul_peak_tflops', 'precision_name', 'measure_training', 'cudagraph_skips', 'measure_loader',
+           'measure_generation', 'padding_by_batching', 'profile_training', 'host_syncs', 'measure_optimizer',
+           'versions', 'version_warnings', 'smoke_check', 'run_benchmarks', 'limits', 'benchmarks_markdown', 'main',
+           'regime_losses', 'converge_both']
 
 # %% ../nbs/08_benchmarks.ipynb #9c772546
 SI_LYRICS_TOKENS, SI_CAPTION_TOKENS, SI_MAX_TOKENS = (351, 186,
@@ -178,6 +182,12 @@ def _sampler(dataset, c: TrainConfig, seed: int):
     "The trainer's batches for `c` (its `batching`), drawn with `seed`."
     return train_sampler(dataclasses.replace(c, seed=seed), dataset.token_lengths, Dist())
 
+def precision_name(precision: str, device) -> str:
+    "What a run at `precision` computes in on `device`, for the tables."
+    if uses_bf16(precision, device.type == 'cuda'): return 'bf16 autocast'
+    if precision == 'tf32-emulated': return 'tf32 (emulated)'
+    return 'tf32' if precision == 'tf32' and device.type == 'cuda' else 'fp32'
+
 def _optimizer_name(c: TrainConfig, device, authors_adafactor: bool = False) -> str:
     if c.optimizer == 'adamw': return f"adamw{' (fused)' if device.type == 'cuda' else ''}"
     return f"{c.optimizer} ({'transformers' if authors_adafactor else 'SyncFreeAdafactor'})"
@@ -228,7 +238,7 @@ def measure_training(model, dataset, collate, c: TrainConfig, device, steps: int
         padding_fraction=round(1 - n['tokens'] / n['padded'], 3),
         distinct_shapes=len(shapes),
         shapes_first_seen_timed=new_timed,
-        precision='bf16 autocast' if uses_bf16(c.precision, device.type == 'cuda') else 'fp32',
+        precision=precision_name(c.precision, device),
         optimizer=_optimizer_name(c, device, authors_adafactor),
         compile_mode=c.compile_mode if fwd is not model else None,
         warmup_seconds=round(t0 - t_start, 1),   # compiling and recording CUDA graphs included
@@ -236,6 +246,27 @@ def measure_training(model, dataset, collate, c: TrainConfig, device, steps: int
         final_loss=round(float(np.mean([r['loss'] for r in rows[-10:]])), 4) if rows else None,
         losses=[r['loss'] for r in rows],
     )
+
+# %% ../nbs/08_benchmarks.ipynb #286cb462
+class _Collect(logging.Handler):
+    "A logging handler that appends each message to a list."
+    def __init__(self, into: list):
+        super().__init__()
+        self.into = into
+
+    def emit(self, record): self.into.append(record.getMessage())
+
+@contextlib.contextmanager
+def cudagraph_skips():
+    "Inductor's skipped CUDA graphs inside the block, as `{'count': n, 'reasons': [up to 3 distinct messages]}`."
+    seen, before = dict(count=0, reasons=[]), counters['inductor']['cudagraph_skips']
+    handler = _Collect(seen['reasons'])
+    cudagraphs_log.addHandler(handler)
+    try: yield seen
+    finally:
+        cudagraphs_log.removeHandler(handler)
+        seen['count'] = counters['inductor']['cudagraph_skips'] - before
+        seen['reasons'] = sorted({r[:300] for r in seen['reasons']})[:3]
 
 # %% ../nbs/08_benchmarks.ipynb #d3a69a2b
 def measure_loader(dataset, collate, c: TrainConfig, device, batches: int = 50, seed: int = 0) -> dict:
@@ -271,7 +302,7 @@ def measure_generation(model, dataset, tokenizer, collate, c: TrainConfig, devic
                 new_tokens_per_song=round(tokens / songs, 1), tokens_per_s=round(tokens / dt),
                 songs_per_s=round(songs / dt, 2), num_beams=c.num_beams, max_new_tokens=c.max_new_tokens,
                 do_sample=c.do_sample,
-                precision='bf16 autocast' if uses_bf16(c.precision, device.type == 'cuda') else 'fp32',
+                precision=precision_name(c.precision, device),
                 peak_memory_gb=_peak_gb(device))
 
 # %% ../nbs/08_benchmarks.ipynb #ac746239
@@ -564,8 +595,12 @@ class _Workload:
             head = 'auto' if compile_mode == 'reduce-overhead' else c.lm_head
             c = dataclasses.replace(c, torch_compile=True, compile_mode=compile_mode, lm_head=head)
         warmup = self.p['warmup'] if warmup is None else warmup
-        r = measure_training(self.model, self.ds['train'], self.col[regime], c, self.device, steps or self.p['steps'],
-                             warmup, time_cap=cap, seed=self.seed, authors_adafactor=regime == 'reference')
+        with cudagraph_skips() as skipped:
+            r = measure_training(self.model, self.ds['train'], self.col[regime], c, self.device,
+                                 steps or self.p['steps'], warmup, time_cap=cap, seed=self.seed,
+                                 authors_adafactor=regime == 'reference')
+        if r['compile_mode'] == 'reduce-overhead':   # compiled, hence on a GPU: did every graph replay as one?
+            r.update(cudagraph_skips=skipped['count'], cudagraph_skip_reasons=skipped['reasons'])
         peak = (self.run.R.get('peak') or {}).get('tflops')
         r['mfu'] = round(r['flops_per_s'] / (peak * 1e12), 4) if peak else None
         r.pop('losses')
@@ -791,6 +826,10 @@ def limits(R: dict) -> list[str]:
         else:   # no queue on a CPU: the same reads are listed as what a GPU would wait for
             out.append(f"One step of ours reads {s['total']} values back from its tensors, which on a GPU would each "
                        f"make the host wait (on a CPU they cost nothing): {where}.")
+    skipped = (R.get('train') or {}).get('ours_cuda_graphs') or {}
+    if skipped.get('cudagraph_skips'):
+        out.append(f"Under CUDA graphs inductor skipped {skipped['cudagraph_skips']} graph(s), which then ran launched "
+                   f"kernel by kernel: {'; '.join(skipped['cudagraph_skip_reasons'])}.")
     o = R.get('optimizer_step')
     if o:
         tf, sf = o['transformers'], o['sync_free']
@@ -824,8 +863,10 @@ def limits(R: dict) -> list[str]:
 COMPILED = dict(COMPILE_PHASES.values())   # the result's key -> the phase's name
 
 def _compiled_name(name: str, r: dict) -> str:
-    "The compiled phase's name; off a GPU the trainer runs the step eagerly, and the name says so."
-    return name if r.get('compile_mode') else f'{name} (asked for; eager, as off a GPU)'
+    "The compiled phase's name, saying where the step ran otherwise than asked: eagerly off a GPU, or without graphs."
+    if not r.get('compile_mode'): return f'{name} (asked for; eager, as off a GPU)'
+    if r.get('cudagraph_skips'): return f"{name} (inductor skipped {r['cudagraph_skips']} graph(s): see the limits)"
+    return name
 
 def benchmarks_markdown(R: dict) -> str:
     "The report as Markdown: headline table, details, profile, limits, provenance."
@@ -900,7 +941,7 @@ def benchmarks_markdown(R: dict) -> str:
     rows += [(f'training, ours, {_compiled_name(name, tr[k])}', tr[k]) for k, name in COMPILED.items() if tr.get(k)]
     keys = ('batch_size', 'steps', 'warmup_steps', 'warmup_seconds', 'seconds', 'samples_per_s', 'tokens_per_s', 'mfu',
             'padding_fraction', 'distinct_shapes', 'shapes_first_seen_timed', 'precision', 'optimizer', 'compile_mode',
-            'peak_memory_gb', 'final_loss', 'error')
+            'cudagraph_skips', 'peak_memory_gb', 'final_loss', 'error')
     lines += ['| run | ' + ' | '.join(keys) + ' |', '|---' * (len(keys) + 1) + '|']
     cell = lambda x: _f(x, 4) if isinstance(x, float) else _f(x)
     lines += [f'| {name} | ' + ' | '.join(cell(r.get(k)) for k in keys) + ' |' for name, r in rows if r]

@@ -18,6 +18,7 @@ from .core import parse_value
 from .data import Collator
 from .model import AlcapForConditionalGeneration
 from .music import SR, AudioError, CNNSAEncoder, MusicnnEncoder, excerpt, load_audio
+from .train import tf32_matmuls, uses_bf16
 
 # %% auto #0
 __all__ = ['tiny_run', 'CaptionError', 'find_model', 'run_parameters', 'music_settings', 'build_encoder', 'Captioner',
@@ -168,7 +169,8 @@ def _from_pretrained(cls, path, device=None, music_checkpoint=None, precision=No
         except CaptionError as e: problem = f'{model_dir}: {e}'
     gen = {**_generation_from_run(params), **{k: v for k, v in generation.items() if v is not None}}
     limit = model.config.max_source_len or params.get('max_source_len')
-    precision = precision or params.get('precision', 'auto')  # bf16 autocast on a GPU unless the run trained in fp32
+    precision = precision or params.get('precision', 'auto')  # on a GPU: bf16 autocast unless the run trained in fp32
+                                                              # or TF32
     return cls(model, tokenizer, encoder, prep, limit, gen, device, precision, problem, model_dir)
 
 def _describe_music(self: Captioner) -> str:
@@ -274,8 +276,9 @@ def _generate(self: Captioner, ids, music=None) -> list[str]:
     b = self.collate(items)
     keys = ('input_ids', 'attention_mask', 'music_features', 'music_attention_mask')
     kw = {k: b[k].to(self.device) for k in keys if k in b}
-    use_bf16 = self.device.type == 'cuda' and self.precision != 'fp32'  # as training's autocast
-    with torch.autocast('cuda', dtype=torch.bfloat16) if use_bf16 else nullcontext():
+    use_bf16 = self.device.type == 'cuda' and uses_bf16(self.precision, cuda=True)  # as training's autocast on a GPU
+    with tf32_matmuls(self.precision, self.device), (
+            torch.autocast('cuda', dtype=torch.bfloat16) if use_bf16 else nullcontext()):
         out = self.model.generate(**kw, **self.generation)
     return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
 

@@ -225,7 +225,7 @@ class AlcapForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
     def forward(self, input_ids=None, attention_mask=None, labels=None, music_features=None, music_attention_mask=None,
                 song_ids=None, decoder_input_ids=None, decoder_attention_mask=None, encoder_outputs=None, cache=None,
                 use_cache=None, output_fusion_attentions=False, num_items_in_batch=None, past_key_values=None,
-                label_index=None, contrast_keep_index=None, **kwargs):
+                label_index=None, contrast_keep_index=None, contrast_keep_mask=None, **kwargs):
         cache = cache if cache is not None else past_key_values   # generate() of transformers < 5.2x uses the old name
         if labels is not None:   # training or a loss: no KV cache to build (as BART's own head), and under
             use_cache = False    # torch.compile none of the graph breaks that building one costs
@@ -252,7 +252,7 @@ class AlcapForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
             if self.contrast is not None and getattr(encoder_outputs, 'h_t', None) is not None:
                 text_mask = None if self.config.contrast_text_pads else attention_mask  # None: the mean counts pads
                 losses = self.contrast(music_features, encoder_outputs.h_t, music_attention_mask, text_mask, song_ids,
-                                       keep_index=contrast_keep_index)
+                                       keep_index=contrast_keep_index, keep_mask=contrast_keep_mask)
                 loss_contrast = losses['loss_contrast']
                 loss = loss_cap + self.config.alpha * loss_contrast   # eq. (4): the one place it is weighted
         maps = getattr(encoder_outputs, 'fusion_attentions', None) if output_fusion_attentions else None

@@ -16,8 +16,8 @@ import torch
 from matplotlib.figure import Figure
 
 from .core import atomic_write, param_pairs, portable, repo_root, save_png, user_errors
-from .train import (RECIPES, TrainConfig, _check_same_run, check_train_params, data_manifest, train,
-                         uses_bf16, validate)
+from .train import (RECIPES, TrainConfig, _check_same_run, check_train_params, data_manifest, ensure_features,
+                         load_dataset_songs, train, uses_bf16, validate)
 from .runs import finished_run
 
 # %% auto #0
@@ -29,7 +29,8 @@ __all__ = ['TRIAL_LRS', 'ALTERNATIVES', 'PRECISION_ARMS', 'LR_TRIAL_COLUMNS', 'M
 TRIAL_LRS = (0.01, 0.03, 0.1, 0.3)  # the default optimiser's lr, tried on the first seed
 ALTERNATIVES = {'adamw-lr0.001': dict(optimizer='adamw', lr=1e-3),  # our default before this ablation
                 'adamw-lr0.003': dict(optimizer='adamw', lr=3e-3)}
-PRECISION_ARMS = {'bf16': dict(precision='bf16')}  # bf16 autocast, the fast choice on a GPU, where ours trains in fp32
+# where ours trains in fp32: bf16 autocast, the fastest choice on a GPU, and TF32 matmuls (emulated: the same on a CPU)
+PRECISION_ARMS = {'bf16': dict(precision='bf16'), 'tf32': dict(precision='tf32-emulated')}
 LR_TRIAL_COLUMNS = ['optimizer', 'lr', 'run', 'val_loss_cap_best', 'test_attribute_score', 'bound_last']
 METRICS = {'test_attribute_score': 'higher', 'test_instrument_score': 'higher', 'val_loss_cap_best': 'lower',
            'bound_last': 'higher', 'contrast_drop': 'higher'}
@@ -41,7 +42,7 @@ def recipe_switches(base: TrainConfig, cuda: bool|None = None) -> dict:
     orig = TrainConfig(**{**asdict(base), 'recipe': 'original'}).resolve()
     switches = {}
     for k, v in RECIPES['original'].items():
-        if k == 'warmup_steps' or (k == 'precision' and not cuda): continue  # 'auto' is fp32 on a CPU
+        if k == 'warmup_steps' or (k == 'precision' and not cuda): continue  # 'auto' and 'tf32' are fp32 on a CPU
         if k == 'schedule':
             if (ours.schedule, ours.warmup_steps) != (orig.schedule, orig.warmup_steps):
                 switches[k] = dict(schedule=orig.schedule, warmup_steps=orig.warmup_steps)
@@ -68,11 +69,13 @@ def recipe_plan(runs_dir, base: TrainConfig, seeds=(0, 1, 2), lr: float|None = N
     runs_dir = Path(runs_dir).expanduser().resolve()
     cuda = torch.cuda.is_available() if cuda is None else cuda
     ours = base.resolve()
-    opt, fp32 = ours.optimizer, not uses_bf16(ours.precision, cuda)   # training in fp32: bf16 autocast is an arm
+    opt = ours.optimizer
+    precision_arms = {} if uses_bf16(ours.precision, cuda) else dict(PRECISION_ARMS)   # arms where ours trains in fp32
+    if cuda and ours.precision == 'tf32': precision_arms.pop('tf32')   # or in TF32 on a GPU: no emulation of itself
     if lr is None and arms is None:
         todo = [(f'{opt}-lr{x:g}', seeds[0], {'lr': float(x)}, f'{opt}-lr{x:g}') for x in lrs]
     else:
-        named = {'ours': {}, **alternatives, **recipe_switches(base, cuda), **(PRECISION_ARMS if fp32 else {})}
+        named = {'ours': {}, **alternatives, **recipe_switches(base, cuda), **precision_arms}
         wanted = list(named) + ['original'] if arms is None else ['ours', *arms]
         unknown = [a for a in wanted if a not in named and a != 'original']
         if unknown: raise ValueError(f"arms {unknown}: not arms of this ablation; choose from {[*named, 'original']}")
@@ -109,6 +112,8 @@ def train_plan(plan: dict, command: str, workers: int = 1, log=print) -> list[Pa
             _train_one(c, command, None)
             log(f'[train] {c.output_dir} ({time.time() - t0:.0f} s)')
     elif todo:
+        for c in {(c.data_dir, c.features_dir, c.music_encoder): c for c in todo}.values():
+            ensure_features(c, load_dataset_songs(c))
         threads = max(1, (os.cpu_count() or 1) // workers)
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context('spawn')) as ex:
             jobs = [ex.submit(_train_one, c, command, threads) for c in todo]
@@ -217,7 +222,7 @@ def recipes_markdown(table: pd.DataFrame, prov: dict) -> str:
     return '\n'.join([
         '# The recipe, one choice at a time', '',
         'ALCAP trained with our recipe (`ours`) and with one choice switched at a time (one row each: to the authors\' '
-        'code, to AdamW for `adamw-*`, to bf16 autocast for `bf16`)'
+        'code, to AdamW for `adamw-*`, to bf16 autocast for `bf16`, to emulated TF32 matmuls for `tf32`)'
         + (', and with the whole original recipe (`original`)' if whole else '')
         + '. Each cell: mean ± sd over seeds, then the mean paired difference from ours and the verdict (the sign of '
         'the difference on every seed; see `nbs/06a_recipes.ipynb`). '

@@ -5,13 +5,14 @@
 # %% ../nbs/03_train.ipynb #1f844c36
 from __future__ import annotations
 import argparse, csv, dataclasses, io, json, math, os, random, shlex, shutil, sys, time
-from contextlib import nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
 from tqdm import tqdm
 from transformers import AutoConfig
 from transformers.optimization import Adafactor
@@ -31,10 +32,11 @@ from .metrics import compute_metrics
 # %% auto #0
 __all__ = ['DATASETS', 'DEMO_N', 'OPTIMIZERS', 'SCHEDULES', 'TEXT_INITS', 'MODEL_SIZES', 'PRECISIONS', 'LM_HEADS',
            'COMPILE_MODES', 'PRESETS', 'OPTIMIZER_LRS', 'RECIPES', 'RECIPE_OPTIONS', 'BEST_METRICS',
-           'GENERATION_PARAMS', 'STEP_FIELDS', 'EPOCH_FIELDS', 'TrainConfig', 'validate', 'check_train_params', 'Dist',
-           'setup_distributed', 'seed_everything', 'load_dataset_songs', 'ensure_features', 'fusion_layers',
-           'build_model', 'build_optimizer', 'save_torch', 'save_checkpoint', 'load_checkpoint', 'generation_kwargs',
-           'generation_settings', 'generate_captions', 'uses_bf16', 'CsvLog', 'run_tokenizer', 'write_captions',
+           'GENERATION_PARAMS', 'TF32_OPERANDS', 'STEP_FIELDS', 'EPOCH_FIELDS', 'TrainConfig', 'validate',
+           'check_train_params', 'Dist', 'setup_distributed', 'seed_everything', 'load_dataset_songs',
+           'ensure_features', 'fusion_layers', 'build_model', 'build_optimizer', 'save_torch', 'save_checkpoint',
+           'load_checkpoint', 'generation_kwargs', 'generation_settings', 'generate_captions', 'uses_bf16', 'to_tf32',
+           'TF32Emulation', 'tf32_matmuls', 'precision_scope', 'CsvLog', 'run_tokenizer', 'write_captions',
            'data_manifest', 'same_data', 'Run', 'load_run_data', 'train_sampler', 'recipe_batch', 'add_model',
            'nothing_to_train', 'write_run_config', 'cuda_graphs', 'compiled', 'attach_loop', 'default_num_workers',
            'train_loader', 'contrast_weight', 'host_indices', 'train_step', 'StepWindow', 'train_epoch',
@@ -45,7 +47,8 @@ __all__ = ['DATASETS', 'DEMO_N', 'OPTIMIZERS', 'SCHEDULES', 'TEXT_INITS', 'MODEL
 DATASETS = ('demo', 'si-full', 'si-votes-ge0', 'si-votes-gt0', 'ncm', 'jsonl')
 DEMO_N = 240      # the demo's quick default: songs generated when neither demo_n nor a data_dir holding one is given
 OPTIMIZERS, SCHEDULES = ('adamw', 'adafactor', 'adafactor-hf'), ('constant', 'linear', 'cosine')
-TEXT_INITS, MODEL_SIZES, PRECISIONS = ('pretrained', 'random'), ('tiny', 'base'), ('auto', 'bf16', 'fp32')
+TEXT_INITS, MODEL_SIZES = ('pretrained', 'random'), ('tiny', 'base')
+PRECISIONS = ('auto', 'bf16', 'fp32', 'tf32', 'tf32-emulated')
 LM_HEADS = ('auto', 'labels', 'all')
 COMPILE_MODES = ('default', 'reduce-overhead')
 
@@ -70,7 +73,7 @@ OPTIMIZER_LRS = {'demo': {'adamw': 1e-3, 'adafactor': 1e-3}}
 # left at None takes its recipe's value, and the recipe's wins over the dataset preset's
 RECIPES = {
     'ours': dict(fusion_shared=False, optimizer='adafactor-hf', weight_decay=0.01, grad_clip=1.0, caption_loss='tokens',
-                 text_pool='tokens', alpha_scale='positions', proj_dim=256, batching='shuffle', precision='fp32',
+                 text_pool='tokens', alpha_scale='positions', proj_dim=256, batching='shuffle', precision='tf32',
                  best_metric='val_loss_cap'),
     'original': dict(fusion_shared=True, optimizer='adafactor-hf', weight_decay=0.0, grad_clip=0.0,
                      caption_loss='positions', text_pool='positions', alpha_scale='positions', proj_dim=0,
@@ -131,8 +134,10 @@ class TrainConfig:
                                           # or 'buckets' (by lyrics, then caption length: least padding)
     max_source_len: int|None = None
     max_target_len: int|None = None
-    precision: str|None = None            # (R) 'fp32' (both recipes), 'auto' (bf16 autocast on a GPU, fp32 on a
-                                          # CPU: faster on a GPU) or 'bf16' (autocast on any device)
+    precision: str|None = None            # (R) 'tf32' (ours: matmuls on TF32 tensor cores on a GPU, fp32 on a
+                                          # CPU), 'fp32' (the original), 'auto' (bf16 autocast on a GPU, fp32 on a
+                                          # CPU: fastest on a GPU), 'bf16' (autocast on any device) or
+                                          # 'tf32-emulated' (TF32 matmuls in software, to measure what TF32 does)
     eval_every: int|None = None           # validate every N epochs
     best_metric: str|None = None          # (R) a validation column: 'val_loss_cap' (lower is better, both recipes),
                                           # 'val_loss', or a generation metric: 'rougeL', 'meteor', ...
@@ -481,7 +486,7 @@ def generate_captions(model, dataset: SongDataset, tokenizer, collate, c: TrainC
         chunk = order[k:k + batch_size]
         b = collate([dataset[i] for i in chunk])
         kw = {key: b[key].to(device, non_blocking=True) for key in inputs if key in b}
-        with _autocast(c, device): ids = model.generate(**kw, **generation_kwargs(c, model))
+        with precision_scope(c, device): ids = model.generate(**kw, **generation_kwargs(c, model))
         ids = ids.cpu()
         new_tokens += int(ids[:, 1:].ne(model.config.pad_token_id).sum())   # the first is the decoder start token
         for i, text in zip(chunk, tokenizer.batch_decode(ids, skip_special_tokens=True)): out[i] = text.strip()
@@ -496,6 +501,51 @@ def _autocast(c: TrainConfig, device):
     "bf16 autocast where `uses_bf16` says so (CPUs too with 'bf16', for tests), else nothing."
     use = uses_bf16(c.precision, device.type == 'cuda')
     return torch.autocast(device.type, dtype=torch.bfloat16) if use else nullcontext()
+
+# %% ../nbs/03_train.ipynb #c8b9791e
+def to_tf32(x: torch.Tensor) -> torch.Tensor:
+    "`x` with its float32 mantissa cut to TF32's 10 bits (towards zero); tensors of other dtypes unchanged."
+    if x.dtype != torch.float32: return x
+    return (x.view(torch.int32) & -8192).view(torch.float32)   # -8192: every bit but the 13 lowest of the mantissa
+
+_aten = torch.ops.aten
+TF32_OPERANDS = {   # each fp32 matmul op: the positions of the arguments a tensor core would read in TF32
+    _aten.mm.default: (0, 1), _aten.addmm.default: (1, 2), _aten.bmm.default: (0, 1), _aten.baddbmm.default: (1, 2),
+    _aten._scaled_dot_product_flash_attention_for_cpu.default: (0, 1, 2),
+    _aten._scaled_dot_product_flash_attention_for_cpu_backward.default: (0, 1, 2, 3),
+    _aten._scaled_dot_product_efficient_attention.default: (0, 1, 2),
+    _aten._scaled_dot_product_efficient_attention_backward.default: (0, 1, 2, 3),
+}
+
+class TF32Emulation(TorchDispatchMode):
+    "Every fp32 matmul in the block, forward and backward, computed on its inputs rounded to TF32 (`to_tf32`)."
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        at = TF32_OPERANDS.get(func, ())
+        args = tuple(to_tf32(a) if i in at and isinstance(a, torch.Tensor) else a for i, a in enumerate(args))
+        return func(*args, **(kwargs or {}))
+
+@contextmanager
+def _cuda_tf32():
+    "TF32 tensor cores for fp32 matmuls on the GPU inside the block; the setting it found comes back after."
+    # the older flag: torch 2.11 raises where the newer `fp32_precision` set to 'tf32' meets code that reads this one
+    # (torch.compile does), while setting this one keeps both readable
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try: yield
+    finally: torch.backends.cuda.matmul.allow_tf32 = before
+
+def tf32_matmuls(precision: str, device):
+    "TF32 matmuls in the block where `precision` asks: on a GPU's tensor cores ('tf32'), emulated ('tf32-emulated')."
+    if precision == 'tf32-emulated': return TF32Emulation()
+    if precision == 'tf32' and device.type == 'cuda': return _cuda_tf32()
+    return nullcontext()
+
+def precision_scope(c: TrainConfig, device):
+    "A forward at `c.precision`: TF32 matmuls and bf16 autocast where it asks for them (validation, generation)."
+    stack = ExitStack()
+    stack.enter_context(tf32_matmuls(c.precision, device))
+    stack.enter_context(_autocast(c, device))
+    return stack
 
 # %% ../nbs/03_train.ipynb #7d91e147
 STEP_FIELDS = ['step', 'epoch', 'loss', 'loss_cap', 'loss_contrast', 'alpha_eff', 'lr', 'samples_per_s']
@@ -552,10 +602,16 @@ def same_data(out: Path, data_dir) -> bool:
     "Whether the run in `out` was trained on the data `data_dir` holds now."
     return json.loads((Path(out)/'config.json').read_text()).get('data_manifest') == data_manifest(data_dir)
 
-def _check_same_run(out: Path, cfg: dict):
-    "Refuse to resume a folder that holds a run with other parameters."
+def _as_run_here(key: str, value, cuda: bool):
+    "A parameter's value as this machine runs it: without a GPU there is no TF32, and precision 'tf32' is 'fp32'."
+    return 'fp32' if key == 'precision' and value == 'tf32' and not cuda else value
+
+def _check_same_run(out: Path, cfg: dict, cuda: bool|None = None):
+    "Refuse to resume a folder that holds a run with other parameters (as this machine would run them)."
+    cuda = torch.cuda.is_available() if cuda is None else cuda
     old = json.loads((out/'config.json').read_text())['parameters']
-    diff = {k: (old.get(k), v) for k, v in cfg.items() if k not in _RUN_KEYS_ALLOWED_TO_CHANGE and old.get(k) != v}
+    diff = {k: (old.get(k), v) for k, v in cfg.items()
+            if k not in _RUN_KEYS_ALLOWED_TO_CHANGE and _as_run_here(k, old.get(k), cuda) != _as_run_here(k, v, cuda)}
     if diff: raise ValueError(f"{out} holds a run with other parameters {diff} (old, new): use another output_dir")
 
 # %% ../nbs/03_train.ipynb #158ee528
@@ -724,14 +780,17 @@ def _to(idx, device):
 
 def host_indices(batch: dict, c: TrainConfig, device, world: int = 1) -> dict:
     """The model's index arguments for a batch still on the CPU, so that the step never reads them back from the GPU:
-    `label_index` (the real label tokens) when `c.lm_head` wants it, and `contrast_keep_index` (each song's first
-    row, the rows InfoNCE keeps) in one process, where the batch is the whole InfoNCE batch."""
-    out = {}
-    on = c.lm_head == 'labels' or (c.lm_head == 'auto' and device.type == 'cuda' and not cuda_graphs(c, device))
+    `label_index` (the real label tokens) when `c.lm_head` wants it, and each song's first row, the rows InfoNCE
+    keeps, in one process, where the batch is the whole InfoNCE batch: `contrast_keep_index`, or under CUDA graphs
+    `contrast_keep_mask`, whose shape does not depend on how many songs the batch repeats."""
+    out, graphs = {}, cuda_graphs(c, device)
+    on = c.lm_head == 'labels' or (c.lm_head == 'auto' and device.type == 'cuda' and not graphs)
     if on and c.caption_loss == 'tokens':   # 'positions': every position is a label, none to skip
         out['label_index'] = _to(batch['labels'].flatten().ne(-100).nonzero().squeeze(1), device)
     if world == 1 and c.method == 'alcap' and 'song_ids' in batch:
-        out['contrast_keep_index'] = _to(first_occurrence(batch['song_ids']).nonzero().squeeze(1), device)
+        keep = first_occurrence(batch['song_ids'])
+        if graphs: out['contrast_keep_mask'] = _to(keep, device)
+        else: out['contrast_keep_index'] = _to(keep.nonzero().squeeze(1), device)
     return out
 
 def train_step(fwd, model, batch, opt, sched, c: TrainConfig, device, world: int = 1) -> dict:
@@ -744,10 +803,11 @@ def train_step(fwd, model, batch, opt, sched, c: TrainConfig, device, world: int
     n_tok, n_pos = counts[0], counts[1]
     graphs = cuda_graphs(c, device)
     if graphs: torch.compiler.cudagraph_mark_step_begin()   # a new step: the last one's graph outputs may be reused
-    with _autocast(c, device): o = fwd(**batch, num_items_in_batch=n_tok, **indices)
-    alpha = contrast_weight(c, n_tok, n_pos) if o.loss_contrast is not None else None
-    loss = o.loss_cap if alpha is None else o.loss_cap + alpha * o.loss_contrast
-    (loss * world).backward()
+    with tf32_matmuls(c.precision, device):   # the backward's matmuls too
+        with _autocast(c, device): o = fwd(**batch, num_items_in_batch=n_tok, **indices)
+        alpha = contrast_weight(c, n_tok, n_pos) if o.loss_contrast is not None else None
+        loss = o.loss_cap if alpha is None else o.loss_cap + alpha * o.loss_contrast
+        (loss * world).backward()
     if c.grad_clip: torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
     opt.step()
     sched.step()
@@ -842,7 +902,7 @@ def validation_losses(model, dataset, collate, c: TrainConfig, device, batch_siz
         indices = host_indices(b, c, device)   # evaluation gathers nothing: one process's batch is InfoNCE's
         b = recipe_batch({k: v.to(device) for k, v in b.items()}, c, model.config.pad_token_id, labels=False)
         n = int(b['labels'].ne(-100).sum())
-        with _autocast(c, device): out = model(**b, **indices)
+        with precision_scope(c, device): out = model(**b, **indices)
         tot['cap'] += float(out.loss_cap) * n
         tot['tokens'] += n
         if out.loss_contrast is not None:

@@ -4,8 +4,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from alcap.benchmarks import SIZES, converge_both, regime_losses, run_benchmarks, si_shaped_songs, si_tokenizer
+from alcap.benchmarks import (SIZES, converge_both, precision_name, regime_losses, run_benchmarks, si_shaped_songs,
+                              si_tokenizer)
 from alcap.data import SongDataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,3 +63,12 @@ def test_a_failed_check_is_one_line_and_recorded(tmp_path, monkeypatch, capsys):
     assert err.count('\n') == 1 and "unexpected keyword argument 'cache'" in err
     assert json.loads((tmp_path/'benchmarks.json').read_text())['status'] == 'error'
     assert 'Traceback' in (tmp_path/'benchmarks_errors.txt').read_text()
+
+
+def test_precision_names_say_what_runs():
+    "The tables name what a precision computes in on the device it ran on: TF32 and bf16 only where they happen."
+    cpu, gpu = torch.device('cpu'), torch.device('cuda')
+    kinds = ('fp32', 'tf32', 'auto', 'bf16', 'tf32-emulated')
+    names = {p: (precision_name(p, cpu), precision_name(p, gpu)) for p in kinds}
+    assert names == {'fp32': ('fp32', 'fp32'), 'tf32': ('fp32', 'tf32'), 'auto': ('fp32', 'bf16 autocast'),
+                     'bf16': ('bf16 autocast', 'bf16 autocast'), 'tf32-emulated': ('tf32 (emulated)', 'tf32 (emulated)')}

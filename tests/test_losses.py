@@ -2,7 +2,7 @@
 import math
 import pytest, torch, torch.nn.functional as F
 from alcap.losses import InfoNCE, masked_mean, info_nce_logits, first_occurrence
-from alcap.losses import identity_nce, info_nce_by_loop
+from alcap.losses import identity_nce, info_nce_by_loop, kept_rows_nce
 
 
 @pytest.fixture
@@ -101,3 +101,18 @@ def test_gradients_reach_both_projection_heads(data):
     nce = InfoNCE(16, 24, proj_dim=8)
     nce(h_m, h_t, mm, tm)['loss_contrast'].backward()
     for p in nce.parameters(): assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+def test_kept_rows_nce_is_eq1_on_the_kept_songs():
+    "The masked loss is eq. (1) on the kept songs alone; the dropped songs get exactly zero gradient, not NaN."
+    g = torch.Generator().manual_seed(3)
+    z_m, z_t = torch.randn(6, 5, generator=g, requires_grad=True), torch.randn(6, 5, generator=g, requires_grad=True)
+    keep = torch.tensor([True, False, True, True, False, True])
+    s = info_nce_logits(z_m, z_t, 'cosine', 0.3)
+    m2t, t2m = kept_rows_nce(s, keep), kept_rows_nce(s.T, keep)
+    assert float(m2t.detach()) == pytest.approx(info_nce_by_loop(z_m[keep], z_t[keep]), abs=1e-5)
+    assert float(t2m.detach()) == pytest.approx(info_nce_by_loop(z_t[keep], z_m[keep]), abs=1e-5)
+    for grad in torch.autograd.grad(m2t + t2m, [z_m, z_t]):
+        assert torch.isfinite(grad).all()
+        assert torch.equal(grad[~keep], torch.zeros_like(grad[~keep]))
+        assert grad[keep].abs().sum() > 0

@@ -185,3 +185,31 @@ def test_resume_restores_every_process_rng(tmp_path):
     mp.spawn(_rng_worker, args=(2, str(tmp_path/'last.pt'), str(tmp_path/'store')), nprocs=2, join=True)
     ck = torch.load(tmp_path/'last.pt', weights_only=True)
     assert len(ck['rng_ranks']) == 2 and not torch.equal(ck['rng_ranks'][0]['torch'], ck['rng_ranks'][1]['torch'])
+
+
+def test_workers_start_once_the_data_is_made(tmp_path, monkeypatch):
+    "With several workers, the data and its features are made first, here and once per folder, not in each worker."
+    import concurrent.futures
+    import alcap.recipes as R
+    events = []
+    monkeypatch.setattr(R, 'load_dataset_songs', lambda c: events.append(('songs', c.data_dir)) or [])
+    monkeypatch.setattr(R, 'ensure_features', lambda c, songs: events.append(('features', c.features_dir)))
+
+    class Inline:
+        "The process pool, run here: it records when each run would start."
+        def __init__(self, *args, **kwargs): pass
+        def __enter__(self): return self
+        def __exit__(self, *exc): return False
+
+        def submit(self, fn, c, *args):
+            events.append(('train', c.output_dir))
+            done = concurrent.futures.Future()
+            done.set_result(c.output_dir)
+            return done
+
+    monkeypatch.setattr(R, 'ProcessPoolExecutor', Inline)
+    plan = {('ours', s): TrainConfig(dataset='demo', data_dir=str(tmp_path/'demo'), method='alcap', seed=s,
+                                     output_dir=str(tmp_path/f'run{s}')).resolve() for s in (0, 1, 2)}
+    R.train_plan(plan, 'alcap-recipes ...', workers=2, log=lambda *_: None)
+    assert [e[0] for e in events] == ['songs', 'features', 'train', 'train', 'train']
+    assert events[0][1] == str(tmp_path/'demo')

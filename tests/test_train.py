@@ -261,8 +261,12 @@ def test_papermill_runs_skip_the_notebook_examples():
 
 # --- CUDA graphs -----------------------------------------------------------------------------------
 
-def _graph_steps(device, mode: str|None, steps: int = 6):
-    "Steps of a dropout-free tiny captioner on two alternating batch shapes: each step's logged losses, the weights."
+REPEATS = (torch.arange(4), torch.tensor([0, 0, 2, 3]), torch.tensor([5, 1, 5, 1]))   # 4, 3 and 2 songs kept
+
+
+def _graph_steps(device, mode: str|None, steps: int = 6, precision: str = 'fp32'):
+    """Steps of a dropout-free tiny captioner on two alternating batch shapes, with 0 to 2 repeated songs: each step's
+    logged losses, the weights."""
     from alcap.model import AlcapForConditionalGeneration, tiny_bart_config
     from alcap.train import build_optimizer, compiled, train_step
     torch.manual_seed(0)
@@ -270,7 +274,7 @@ def _graph_steps(device, mode: str|None, steps: int = 6):
     model = AlcapForConditionalGeneration.from_bart_config(base, 'alcap', alpha=0.5, fusion_layers=[1], d_music=16,
                                                            contrast_proj_dim=8).to(device).train()
     c = TrainConfig(method='alcap', alpha=0.5, model_size='tiny', text_init='random', optimizer='adamw', lr=1e-3,
-                    precision='fp32', batch_size=4, max_source_len=64, max_target_len=64,
+                    precision=precision, batch_size=4, max_source_len=64, max_target_len=64,
                     torch_compile=mode is not None, compile_mode=mode or 'default').resolve()
     opt, sched = build_optimizer(c, model, steps)
     fwd = compiled(model, c, device)
@@ -285,11 +289,30 @@ def _graph_steps(device, mode: str|None, steps: int = 6):
         labels[2, T // 3:] = -100
         batch = dict(input_ids=ids.masked_fill(am == 0, 1), attention_mask=am, labels=labels,
                      music_features=torch.randn(4, 13, 16, generator=g), music_attention_mask=torch.ones(4, 13),
-                     song_ids=torch.arange(4))
+                     song_ids=REPEATS[k % len(REPEATS)])
         logged.append(train_step(fwd, model, batch, opt, sched, c, device))
     # read only now, after every later step's replay: a logged loss that aliased a graph's memory would have changed
     losses = [{k: float(v) for k, v in row.items()} for row in logged]
     return losses, {k: p.detach().cpu() for k, p in model.named_parameters()}
+
+
+def test_cuda_graph_inputs_give_the_eager_steps(monkeypatch):
+    """The step's inputs under CUDA graphs (InfoNCE's kept rows as a mask, the losses cloned) give the eager steps,
+    batches with repeated songs included."""
+    import alcap.train as T
+    cpu = torch.device('cpu')
+    eager, w_eager = _graph_steps(cpu, None)
+    monkeypatch.setattr(T, 'cuda_graphs', lambda c, device: True)
+    c = TrainConfig(method='alcap', model_size='tiny', text_init='random').resolve()
+    batch = dict(labels=torch.tensor([[5, 6, -100]]), song_ids=torch.tensor([4, 2, 4, 7]))
+    got = T.host_indices(batch, c, cpu)
+    assert set(got) == {'contrast_keep_mask'}
+    assert got['contrast_keep_mask'].tolist() == [True, True, False, True]
+    masked, w_masked = _graph_steps(cpu, None)
+    for a, b in zip(eager, masked):
+        assert a.keys() == b.keys()
+        for k in a: assert b[k] == pytest.approx(a[k], rel=1e-6, abs=1e-7), k
+    for k in w_eager: torch.testing.assert_close(w_masked[k], w_eager[k], atol=1e-6, rtol=1e-5, msg=k)
 
 
 @pytest.mark.gpu
@@ -304,3 +327,47 @@ def test_gpu_cuda_graph_steps_are_the_eager_steps():
         assert a.keys() == b.keys()
         for k in a: assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), k
     for k in w_eager: torch.testing.assert_close(w_graphs[k], w_eager[k], atol=1e-4, rtol=1e-3, msg=k)
+
+
+@pytest.mark.gpu
+def test_gpu_tf32_is_tf32_within_the_step_only():
+    "precision='tf32' runs fp32 matmuls on TF32 tensor cores inside the step (close to fp32, not equal) and no longer."
+    from alcap.train import tf32_matmuls
+    assert torch.cuda.is_available()
+    device = torch.device('cuda')
+    torch.backends.cuda.matmul.allow_tf32 = False
+    g = torch.Generator(device).manual_seed(0)
+    a, b = (torch.randn(1024, 1024, device=device, generator=g) for _ in range(2))
+    exact = (a.double() @ b.double()).float()
+    with tf32_matmuls('tf32', device): fast = a @ b
+    full = a @ b
+    assert not torch.backends.cuda.matmul.allow_tf32
+    err = lambda x: float((x - exact).abs().max() / exact.abs().max())
+    assert err(full) < 1e-5 < err(fast) < 1e-2, (err(full), err(fast))
+    fp32, _ = _graph_steps(device, None, steps=2)
+    tf32, _ = _graph_steps(device, None, steps=2, precision='tf32')
+    for a_, b_ in zip(fp32, tf32): assert b_['loss'] == pytest.approx(a_['loss'], rel=1e-2)
+
+
+def test_tf32_is_fp32_on_a_cpu_and_its_emulation_is_close():
+    "'tf32' trains bit for bit as fp32 where there is no TF32; 'tf32-emulated' differs, by TF32's rounding only."
+    cpu = torch.device('cpu')
+    fp32, w_fp32 = _graph_steps(cpu, None, steps=3)
+    tf32, w_tf32 = _graph_steps(cpu, None, steps=3, precision='tf32')
+    emulated, w_emulated = _graph_steps(cpu, None, steps=3, precision='tf32-emulated')
+    assert tf32 == fp32 and all(torch.equal(w_tf32[k], w_fp32[k]) for k in w_fp32)
+    assert emulated != fp32
+    for a, b in zip(fp32, emulated):
+        for k in a: assert b[k] == pytest.approx(a[k], rel=1e-3), k
+    for k in w_fp32: torch.testing.assert_close(w_emulated[k], w_fp32[k], atol=1e-3, rtol=1e-2, msg=k)
+
+
+def test_a_run_is_compared_as_this_machine_runs_it(tmp_path):
+    "Without a GPU precision 'tf32' is fp32: a run recorded with one is the run the other asks for; not on a GPU."
+    from alcap.train import _check_same_run
+    (tmp_path/'config.json').write_text(json.dumps({'parameters': {'precision': 'fp32', 'lr': 0.1}}))
+    _check_same_run(tmp_path, {'precision': 'tf32', 'lr': 0.1}, cuda=False)
+    _check_same_run(tmp_path, {'precision': 'fp32', 'lr': 0.1}, cuda=True)
+    for cfg, cuda in (({'precision': 'tf32', 'lr': 0.1}, True), ({'precision': 'bf16', 'lr': 0.1}, False),
+                      ({'precision': 'fp32', 'lr': 0.2}, False)):
+        with pytest.raises(ValueError, match='holds a run with other parameters'): _check_same_run(tmp_path, cfg, cuda)
