@@ -174,6 +174,10 @@ def recipe_ablation(runs_dir, seeds=(0, 1, 2), data_dir=None, lr: float|None = N
     `runs_dir/recipes.{csv,json}`."""
     runs_dir = Path(runs_dir).expanduser().resolve()
     base = recipe_base(data_dir, **train_params)
+    if data_dir is None and base.demo_n is None and not (Path(base.data_dir)/'dataset.json').exists():
+        # else the trainer would make its quick 240-song demo there, and the results would not be comparable
+        raise ValueError(f"{portable(base.data_dir)}: no demo there yet; the committed ablations ran on the main job's "
+                         "800 songs: make them with `alcap-demo --stages data features` (or pass --data, or -p demo_n)")
     command = command or f'alcap.recipes.recipe_ablation({str(runs_dir)!r}, ...)'
     trial, opt = None, base.resolve().optimizer
     if lr is None and (arms is None or 'original' in arms):

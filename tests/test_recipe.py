@@ -213,3 +213,12 @@ def test_workers_start_once_the_data_is_made(tmp_path, monkeypatch):
     R.train_plan(plan, 'alcap-recipes ...', workers=2, log=lambda *_: None)
     assert [e[0] for e in events] == ['songs', 'features', 'train', 'train', 'train']
     assert events[0][1] == str(tmp_path/'demo')
+
+
+def test_the_default_demo_must_be_there(tmp_path, monkeypatch):
+    "Without data/demo the ablation stops with one line saying how to make the 800 songs, not on a quick demo."
+    import alcap.recipes as R
+    monkeypatch.setattr(R, 'repo_root', lambda: tmp_path)
+    with pytest.raises(ValueError, match=r"data/demo: no demo there yet.*alcap-demo --stages data features"):
+        R.recipe_ablation(tmp_path/'runs', seeds=(0,), arms=['tf32'])
+    assert not (tmp_path/'data').exists() and not (tmp_path/'runs').exists()
