@@ -24,7 +24,7 @@ from .data import Collator, Song, SongDataset, bucket_length, train_bpe_tokenize
 from .model import AlcapForConditionalGeneration, bart_base_config, tiny_bart_config
 from .train import (RECIPE_OPTIONS, Dist, StepWindow, TrainConfig, _autocast, build_optimizer, compiled,
                          generate_captions, host_indices, save_checkpoint, seed_everything, train_loader,
-                         train_sampler, train_step, uses_bf16, validate)
+                         train_sampler, train_step, uses_bf16, uses_tf32, validate)
 
 # %% auto #0
 __all__ = ['SI_LYRICS_TOKENS', 'SI_CAPTION_TOKENS', 'SI_MAX_TOKENS', 'SIZES', 'REGIMES', 'HEADLINE', 'COMPILE_PHASES', 'COMPILED',
@@ -186,7 +186,7 @@ def precision_name(precision: str, device) -> str:
     "What a run at `precision` computes in on `device`, for the tables."
     if uses_bf16(precision, device.type == 'cuda'): return 'bf16 autocast'
     if precision == 'tf32-emulated': return 'tf32 (emulated)'
-    return 'tf32' if precision == 'tf32' and device.type == 'cuda' else 'fp32'
+    return 'tf32' if uses_tf32(precision, device.type == 'cuda') else 'fp32'
 
 def _optimizer_name(c: TrainConfig, device, authors_adafactor: bool = False) -> str:
     if c.optimizer == 'adamw': return f"adamw{' (fused)' if device.type == 'cuda' else ''}"

@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 
 from .core import atomic_write, param_pairs, portable, repo_root, save_png, user_errors
 from .train import (RECIPES, TrainConfig, _check_same_run, check_train_params, data_manifest, ensure_features,
-                         load_dataset_songs, train, uses_bf16, validate)
+                         load_dataset_songs, train, uses_bf16, uses_tf32, validate)
 from .runs import finished_run
 
 # %% auto #0
@@ -71,7 +71,7 @@ def recipe_plan(runs_dir, base: TrainConfig, seeds=(0, 1, 2), lr: float|None = N
     ours = base.resolve()
     opt = ours.optimizer
     precision_arms = {} if uses_bf16(ours.precision, cuda) else dict(PRECISION_ARMS)   # arms where ours trains in fp32
-    if cuda and ours.precision == 'tf32': precision_arms.pop('tf32')   # or in TF32 on a GPU: no emulation of itself
+    if uses_tf32(ours.precision, cuda): precision_arms.pop('tf32')   # or in TF32 on a GPU: no emulation of itself
     if lr is None and arms is None:
         todo = [(f'{opt}-lr{x:g}', seeds[0], {'lr': float(x)}, f'{opt}-lr{x:g}') for x in lrs]
     else:

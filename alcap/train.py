@@ -35,8 +35,8 @@ __all__ = ['DATASETS', 'DEMO_N', 'OPTIMIZERS', 'SCHEDULES', 'TEXT_INITS', 'MODEL
            'GENERATION_PARAMS', 'TF32_OPERANDS', 'STEP_FIELDS', 'EPOCH_FIELDS', 'TrainConfig', 'validate',
            'check_train_params', 'Dist', 'setup_distributed', 'seed_everything', 'load_dataset_songs',
            'ensure_features', 'fusion_layers', 'build_model', 'build_optimizer', 'save_torch', 'save_checkpoint',
-           'load_checkpoint', 'generation_kwargs', 'generation_settings', 'generate_captions', 'uses_bf16', 'to_tf32',
-           'TF32Emulation', 'tf32_matmuls', 'precision_scope', 'CsvLog', 'run_tokenizer', 'write_captions',
+           'load_checkpoint', 'generation_kwargs', 'generation_settings', 'generate_captions', 'uses_bf16', 'uses_tf32',
+           'to_tf32', 'TF32Emulation', 'tf32_matmuls', 'precision_scope', 'CsvLog', 'run_tokenizer', 'write_captions',
            'data_manifest', 'same_data', 'Run', 'load_run_data', 'train_sampler', 'recipe_batch', 'add_model',
            'nothing_to_train', 'write_run_config', 'cuda_graphs', 'compiled', 'attach_loop', 'default_num_workers',
            'train_loader', 'contrast_weight', 'host_indices', 'train_step', 'StepWindow', 'train_epoch',
@@ -497,6 +497,10 @@ def uses_bf16(precision: str, cuda: bool) -> bool:
     "Whether a run at `precision` autocasts to bf16: 'auto' on a GPU only, 'bf16' on any device, never 'fp32'."
     return precision == 'bf16' or (precision == 'auto' and cuda)
 
+def uses_tf32(precision: str, cuda: bool) -> bool:
+    "Whether a run at `precision` multiplies fp32 matrices on TF32 tensor cores: 'tf32' on a GPU only (no emulation)."
+    return precision == 'tf32' and cuda
+
 def _autocast(c: TrainConfig, device):
     "bf16 autocast where `uses_bf16` says so (CPUs too with 'bf16', for tests), else nothing."
     use = uses_bf16(c.precision, device.type == 'cuda')
@@ -537,7 +541,7 @@ def _cuda_tf32():
 def tf32_matmuls(precision: str, device):
     "TF32 matmuls in the block where `precision` asks: on a GPU's tensor cores ('tf32'), emulated ('tf32-emulated')."
     if precision == 'tf32-emulated': return TF32Emulation()
-    if precision == 'tf32' and device.type == 'cuda': return _cuda_tf32()
+    if uses_tf32(precision, device.type == 'cuda'): return _cuda_tf32()
     return nullcontext()
 
 def precision_scope(c: TrainConfig, device):
@@ -604,7 +608,7 @@ def same_data(out: Path, data_dir) -> bool:
 
 def _as_run_here(key: str, value, cuda: bool):
     "A parameter's value as this machine runs it: without a GPU there is no TF32, and precision 'tf32' is 'fp32'."
-    return 'fp32' if key == 'precision' and value == 'tf32' and not cuda else value
+    return 'fp32' if key == 'precision' and value == 'tf32' and not uses_tf32(value, cuda) else value
 
 def _check_same_run(out: Path, cfg: dict, cuda: bool|None = None):
     "Refuse to resume a folder that holds a run with other parameters (as this machine would run them)."

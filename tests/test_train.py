@@ -296,23 +296,28 @@ def _graph_steps(device, mode: str|None, steps: int = 6, precision: str = 'fp32'
     return losses, {k: p.detach().cpu() for k, p in model.named_parameters()}
 
 
+def _assert_same_steps(got, want, rel: float, abs_: float|None, atol: float, rtol: float):
+    "Two `_graph_steps` results agree: every logged loss (rel, abs_) and every weight (atol, rtol)."
+    (rows, weights), (rows_want, weights_want) = got, want
+    for a, b in zip(rows_want, rows):
+        assert a.keys() == b.keys()
+        for k in a: assert b[k] == pytest.approx(a[k], rel=rel, abs=abs_), k
+    for k in weights_want: torch.testing.assert_close(weights[k], weights_want[k], atol=atol, rtol=rtol, msg=k)
+
+
 def test_cuda_graph_inputs_give_the_eager_steps(monkeypatch):
     """The step's inputs under CUDA graphs (InfoNCE's kept rows as a mask, the losses cloned) give the eager steps,
     batches with repeated songs included."""
     import alcap.train as T
     cpu = torch.device('cpu')
-    eager, w_eager = _graph_steps(cpu, None)
+    eager = _graph_steps(cpu, None)
     monkeypatch.setattr(T, 'cuda_graphs', lambda c, device: True)
     c = TrainConfig(method='alcap', model_size='tiny', text_init='random').resolve()
     batch = dict(labels=torch.tensor([[5, 6, -100]]), song_ids=torch.tensor([4, 2, 4, 7]))
     got = T.host_indices(batch, c, cpu)
     assert set(got) == {'contrast_keep_mask'}
     assert got['contrast_keep_mask'].tolist() == [True, True, False, True]
-    masked, w_masked = _graph_steps(cpu, None)
-    for a, b in zip(eager, masked):
-        assert a.keys() == b.keys()
-        for k in a: assert b[k] == pytest.approx(a[k], rel=1e-6, abs=1e-7), k
-    for k in w_eager: torch.testing.assert_close(w_masked[k], w_eager[k], atol=1e-6, rtol=1e-5, msg=k)
+    _assert_same_steps(_graph_steps(cpu, None), eager, rel=1e-6, abs_=1e-7, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.gpu
@@ -321,12 +326,8 @@ def test_gpu_cuda_graph_steps_are_the_eager_steps():
     assert torch.cuda.is_available()
     torch.backends.cuda.matmul.allow_tf32 = False
     device = torch.device('cuda')
-    eager, w_eager = _graph_steps(device, None)
-    graphs, w_graphs = _graph_steps(device, 'reduce-overhead')
-    for a, b in zip(eager, graphs):
-        assert a.keys() == b.keys()
-        for k in a: assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), k
-    for k in w_eager: torch.testing.assert_close(w_graphs[k], w_eager[k], atol=1e-4, rtol=1e-3, msg=k)
+    _assert_same_steps(_graph_steps(device, 'reduce-overhead'), _graph_steps(device, None),
+                       rel=1e-4, abs_=1e-5, atol=1e-4, rtol=1e-3)
 
 
 @pytest.mark.gpu
@@ -357,9 +358,7 @@ def test_tf32_is_fp32_on_a_cpu_and_its_emulation_is_close():
     emulated, w_emulated = _graph_steps(cpu, None, steps=3, precision='tf32-emulated')
     assert tf32 == fp32 and all(torch.equal(w_tf32[k], w_fp32[k]) for k in w_fp32)
     assert emulated != fp32
-    for a, b in zip(fp32, emulated):
-        for k in a: assert b[k] == pytest.approx(a[k], rel=1e-3), k
-    for k in w_fp32: torch.testing.assert_close(w_emulated[k], w_fp32[k], atol=1e-3, rtol=1e-2, msg=k)
+    _assert_same_steps((emulated, w_emulated), (fp32, w_fp32), rel=1e-3, abs_=None, atol=1e-3, rtol=1e-2)
 
 
 def test_a_run_is_compared_as_this_machine_runs_it(tmp_path):
