@@ -22,17 +22,18 @@ from .adafactor import count_step
 from .core import atomic_write, hardware
 from .data import Collator, Song, SongDataset, bucket_length, train_bpe_tokenizer
 from .model import AlcapForConditionalGeneration, bart_base_config, tiny_bart_config
-from .train import (RECIPE_OPTIONS, Dist, StepWindow, TrainConfig, _autocast, build_optimizer, compiled,
+from .train import (DECODING_SDPA_BACKENDS, RECIPE_OPTIONS, Dist, StepWindow, TrainConfig, _autocast,
+                         build_optimizer, compiled,
                          generate_captions, host_indices, save_checkpoint, seed_everything, train_loader,
                          train_sampler, train_step, uses_bf16, uses_tf32, validate)
 
 # %% auto #0
-__all__ = ['SI_LYRICS_TOKENS', 'SI_CAPTION_TOKENS', 'SI_MAX_TOKENS', 'SIZES', 'REGIMES', 'HEADLINE', 'COMPILE_PHASES', 'COMPILED',
-           'si_shaped_songs', 'si_tokenizer', 'train_flops', 'si_model', 'regime_config', 'regime_collator',
-           'matmul_peak_tflops', 'precision_name', 'measure_training', 'cudagraph_skips', 'measure_loader',
-           'measure_generation', 'padding_by_batching', 'profile_training', 'host_syncs', 'measure_optimizer',
-           'versions', 'version_warnings', 'smoke_check', 'run_benchmarks', 'limits', 'benchmarks_markdown', 'main',
-           'regime_losses', 'converge_both']
+__all__ = ['SI_LYRICS_TOKENS', 'SI_CAPTION_TOKENS', 'SI_MAX_TOKENS', 'SIZES', 'REGIMES', 'HEADLINE', 'COMPILE_FLAGS',
+           'COMPILE_PHASES', 'COMPILE_NEED_S', 'COMPILED', 'si_shaped_songs', 'si_tokenizer', 'train_flops', 'si_model',
+           'regime_config', 'regime_collator', 'matmul_peak_tflops', 'precision_name', 'measure_training',
+           'cudagraph_skips', 'measure_loader', 'measure_generation', 'padding_by_batching', 'profile_training',
+           'host_syncs', 'measure_optimizer', 'versions', 'version_warnings', 'smoke_check', 'run_benchmarks', 'limits',
+           'benchmarks_markdown', 'main', 'regime_losses', 'converge_both']
 
 # %% ../nbs/08_benchmarks.ipynb #9c772546
 SI_LYRICS_TOKENS, SI_CAPTION_TOKENS, SI_MAX_TOKENS = (351, 186,
@@ -192,20 +193,36 @@ def _optimizer_name(c: TrainConfig, device, authors_adafactor: bool = False) -> 
     if c.optimizer == 'adamw': return f"adamw{' (fused)' if device.type == 'cuda' else ''}"
     return f"{c.optimizer} ({'transformers' if authors_adafactor else 'SyncFreeAdafactor'})"
 
+def _unseen_shapes(dataset, collate, c: TrainConfig, device, seed: int, warmup: int, steps: int) -> list[dict]:
+    "One batch of each shape that the timed steps after `warmup` meet and the warm-up does not (on the device)."
+    batches = _epochs(dataset, _sampler(dataset, c, seed), collate, c, device)   # the same batches, in the same order
+    seen, out = set(), []
+    for k in range(warmup + steps):
+        b = next(batches)
+        shape = (b['input_ids'].shape[1], b['labels'].shape[1])
+        if k >= warmup and shape not in seen: out.append(b)
+        seen.add(shape)
+    return out
+
 def measure_training(model, dataset, collate, c: TrainConfig, device, steps: int, warmup: int = 2,
                      time_cap: float = math.inf, seed: int = 0, log_every: int | None = None,
-                     authors_adafactor: bool = False) -> dict:
+                     authors_adafactor: bool = False, warm_shapes: bool = False) -> dict:
     """Wall-clock training throughput of the trainer's step on `dataset` (data loading included), after `warmup` steps
-    (`authors_adafactor`: Adafactor run by `transformers.Adafactor`, as the authors' code)."""
+    (`authors_adafactor`: Adafactor run by `transformers.Adafactor`, as the authors' code; `warm_shapes`: the warm-up
+    also takes one batch of each shape the timed steps will meet)."""
     sampler = _sampler(dataset, c, seed)
-    opt, sched = build_optimizer(c, model, steps + warmup + 1, authors_adafactor)
+    extra = _unseen_shapes(dataset, collate, c, device, seed, warmup, steps) if warm_shapes else []
+    opt, sched = build_optimizer(c, model, steps + warmup + len(extra) + 1, authors_adafactor)
     fwd = compiled(model, c, device)
     model.train()
     _reset_peak(device)
     window, rows, shapes = StepWindow(log_every or (10 if device.type == 'cuda' else 1)), [], set()
     n = dict(samples=0, tokens=0, padded=0, flops=0.0)
-    batches, t_start, t0 = _epochs(dataset, sampler, collate, c, device), time.perf_counter(), None
-    done, new_timed = 0, 0
+    t_start, t0, done, new_timed = time.perf_counter(), None, 0, 0
+    for b in extra:    # the shapes' first use (kernel plans, compiling, CUDA graphs) falls in the warm-up
+        shapes.add((b['input_ids'].shape[1], b['labels'].shape[1]))
+        if window.add(len(b['input_ids']), train_step(fwd, model, b, opt, sched, c, device)): rows += window.flush()
+    batches = _epochs(dataset, sampler, collate, c, device)
     for k in range(warmup + steps):
         if k == warmup:  # the clock starts once the warm-up's work is finished
             rows += window.flush()
@@ -230,7 +247,7 @@ def measure_training(model, dataset, collate, c: TrainConfig, device, steps: int
     return dict(
         batch_size=c.batch_size,
         steps=done,
-        warmup_steps=warmup,
+        warmup_steps=warmup + len(extra),
         seconds=round(dt, 2),
         samples_per_s=round(n['samples'] / dt, 2),
         tokens_per_s=round(n['tokens'] / dt),
@@ -280,27 +297,31 @@ def measure_loader(dataset, collate, c: TrainConfig, device, batches: int = 50, 
                 num_workers=c.num_workers if c.num_workers is not None else 'auto')
 
 def measure_generation(model, dataset, tokenizer, collate, c: TrainConfig, device, batch_size: int, indices=None,
-                       sort: bool = True, max_batches: int|None = None, time_cap: float = math.inf) -> dict:
-    "Wall-clock time to caption `indices` (default: all) with `generate_captions`, extrapolated when cut short."
+                       sort: bool = True, max_batches: int|None = None, time_cap: float = math.inf,
+                       sdpa_backends=DECODING_SDPA_BACKENDS) -> dict:
+    """Wall-clock time to caption `indices` (default: all) with `generate_captions`, extrapolated when cut short
+    (`sdpa_backends`: the attention kernels decoding may use, None for PyTorch's choice)."""
     idx = list(range(len(dataset))) if indices is None else list(indices)
     if sort: idx = sorted(idx, key=lambda i: -len(dataset.input_ids[i]))   # the batches generate_captions makes itself
     chunks = [idx[k:k + batch_size] for k in range(0, len(idx), batch_size)]
     _reset_peak(device)
-    t0, done, tokens = time.perf_counter(), 0, 0
+    t0, done, tokens, per_batch = time.perf_counter(), 0, 0, []
     for chunk in chunks[:max_batches]:
         if done and time.perf_counter() - t0 > time_cap: break
-        stats = {}
-        generate_captions(
-            model, dataset, tokenizer, collate, c, device, indices=chunk, batch_size=batch_size, stats=stats)
+        stats, t1 = {}, time.perf_counter()
+        generate_captions(model, dataset, tokenizer, collate, c, device, indices=chunk, batch_size=batch_size,
+                          stats=stats, sdpa_backends=sdpa_backends)
         done += 1
         tokens += stats['new_tokens']
+        per_batch.append(round(time.perf_counter() - t1, 2))   # generate_captions reads its ids back: the GPU is done
     _sync(device)
     dt, songs = time.perf_counter() - t0, sum(len(ch) for ch in chunks[:done])
     total = dt * len(chunks) / done
     return dict(songs=len(idx), songs_timed=songs, batch_size=batch_size, batches=len(chunks), batches_timed=done,
                 seconds_timed=round(dt, 2), seconds=round(total, 1), extrapolated=done < len(chunks),
                 new_tokens_per_song=round(tokens / songs, 1), tokens_per_s=round(tokens / dt),
-                songs_per_s=round(songs / dt, 2), num_beams=c.num_beams, max_new_tokens=c.max_new_tokens,
+                songs_per_s=round(songs / dt, 2), batch_seconds=per_batch, num_beams=c.num_beams,
+                max_new_tokens=c.max_new_tokens,
                 do_sample=c.do_sample,
                 precision=precision_name(c.precision, device),
                 peak_memory_gb=_peak_gb(device))
@@ -524,7 +545,9 @@ class _Run:
         atomic_write(self.out/'benchmarks.md', benchmarks_markdown(body))
 
 # %% ../nbs/08_benchmarks.ipynb #f9014fc2
-def _start(out, size: str, budget_s: float, torch_compile: bool, seed: int, t_start, command) -> tuple:
+COMPILE_FLAGS = {True: ' --compile', 'only': ' --compile-only'}   # run_benchmarks' torch_compile -> its option
+
+def _start(out, size: str, budget_s: float, torch_compile: bool|str, seed: int, t_start, command) -> tuple:
     "The device, the size, and a `_Run` whose files already hold the versions, hardware and command."
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     size = ('full' if device.type == 'cuda' else 'tiny') if size == 'auto' else size
@@ -536,7 +559,10 @@ def _start(out, size: str, budget_s: float, torch_compile: bool, seed: int, t_st
     default_command = f'python -m alcap.benchmarks --out {out} --size {size} --budget-s {budget_s:g}'
     run.R.update(size=size, device=device.type, hardware=hardware(), versions=v, version_warnings=version_warnings(v),
                  date=time.strftime('%Y-%m-%d %H:%M:%S %Z'), seed=seed, budget_s=budget_s,
-                 command=command or default_command + (' --compile' if torch_compile else ''))
+                 command=command or default_command + COMPILE_FLAGS.get(torch_compile, ''))
+    if torch_compile == 'only':
+        run.R['notes'].append('--compile-only: the reference regime and ours under torch.compile; ours eager, '
+                              'generation and the rest come from a run without it')
     print('versions: ' + ', '.join(f'{k} {x}' for k, x in v.items()), flush=True)
     for w in run.R['version_warnings']: print(f'warning: {w}', flush=True)
     if size == 'tiny':
@@ -598,7 +624,7 @@ class _Workload:
         with cudagraph_skips() as skipped:
             r = measure_training(self.model, self.ds['train'], self.col[regime], c, self.device,
                                  steps or self.p['steps'], warmup, time_cap=cap, seed=self.seed,
-                                 authors_adafactor=regime == 'reference')
+                                 authors_adafactor=regime == 'reference', warm_shapes=True)
         if r['compile_mode'] == 'reduce-overhead':   # compiled, hence on a GPU: did every graph replay as one?
             r.update(cudagraph_skips=skipped['count'], cudagraph_skip_reasons=skipped['reasons'])
         peak = (self.run.R.get('peak') or {}).get('tflops')
@@ -623,14 +649,15 @@ def _workload(run: _Run, device, size: str, seed: int, tok, ds: dict) -> _Worklo
     return _Workload(run, device, size, seed, tok, ds, model, init, cfg, col)
 
 # %% ../nbs/08_benchmarks.ipynb #d46f8ce1
-def _training_phases(w: _Workload) -> dict|None:
-    "Training throughput of both regimes at the paper's batch; ours' measurement (None if it did not run)."
+def _training_phases(w: _Workload, regimes: tuple = REGIMES) -> dict|None:
+    "Training throughput of the `regimes` at the paper's batch; ours' measurement (None if it did not run)."
     R, train = w.run.R, w.run.R.setdefault('train', {})
     ref = w.run.phase('training, reference regime', w.need(20),
                       lambda: w.train('reference', steps=w.p['ref_steps'], warmup=2, cap=25))
     if ref:
         train['reference'] = ref
         R['reference_train_samples_per_s'] = ref['samples_per_s']
+    if regimes == ('reference',): return None
     ours = w.run.phase('training, ours', w.need(40), lambda: w.train('ours', cap=45))
     if ours:
         train['ours'] = ours
@@ -676,7 +703,20 @@ def _generation_phases(w: _Workload) -> dict|None:
                               f"({gr['batches_timed']} of its {gr['batches']} batches of {gr['batch_size']}) "
                               f"and extrapolated to {gr['songs']}")
         if g: R['generate_speedup'] = round(gr['seconds'] / g['seconds'], 2)
+    if g and w.device.type == 'cuda': _cudnn_generation(w, g)
     return g
+
+def _cudnn_generation(w: _Workload, g: dict):
+    "Ours' first two batches again with PyTorch's own choice of attention kernels (cuDNN's included), for comparison."
+    R = w.run.R
+    gc = w.run.phase('generation, ours, cuDNN attention allowed (2 batches)', 45,
+                     lambda: measure_generation(w.model, w.ds['test'], w.tok, w.col['ours'], w.cfg['ours'], w.device,
+                                                batch_size=g['batch_size'], max_batches=2, sdpa_backends=None))
+    if gc:
+        R['generation']['ours_cudnn_allowed'] = gc
+        R['notes'].append(f"generation with cuDNN attention allowed (PyTorch's choice): its first two batches took "
+                          f"{gc['batch_seconds']} s against {g['batch_seconds'][:2]} s without it "
+                          "(`decoding_attention`)")
 
 # %% ../nbs/08_benchmarks.ipynb #dfac3fa2
 def _where_time_goes(w: _Workload):
@@ -734,12 +774,14 @@ def _checkpoint_phase(w: _Workload):
 # %% ../nbs/08_benchmarks.ipynb #beb1baf9
 COMPILE_PHASES = {'reduce-overhead': ('ours_cuda_graphs', 'torch.compile with CUDA graphs'),
                   'default': ('ours_compiled', 'torch.compile')}
+# the seconds each phase needs, warm-up included: with CUDA graphs one H100 took 315 s (12 shapes, most of it compiling)
+COMPILE_NEED_S = {'reduce-overhead': 340, 'default': 150}
 
 def _compiled_phases(w: _Workload, modes: tuple):
     "Ours' training under `torch.compile` in each of `modes` (the cap counts the compiling warm-up too)."
     for mode in modes:
         key, name = COMPILE_PHASES[mode]
-        r = w.run.phase(f'training, ours, {name}', 150,
+        r = w.run.phase(f'training, ours, {name}', w.need(COMPILE_NEED_S[mode]),
                         lambda: w.train('ours', cap=max(60, min(150, w.run.left() - 30)), compile_mode=mode))
         if r: w.run.R['train'][key] = r
         # the compiled code and the CUDA graphs' memory pools outlive the phase: later phases measure without them
@@ -759,9 +801,10 @@ def _extra_phases(w: _Workload, g: dict|None):
                                   "at batch 128 (the default)")
 
 # %% ../nbs/08_benchmarks.ipynb #eaf9a97e
-def run_benchmarks(out, size: str = 'auto', budget_s: float = 330, torch_compile: bool = False, seed: int = 0,
+def run_benchmarks(out, size: str = 'auto', budget_s: float = 330, torch_compile: bool|str = False, seed: int = 0,
                    t_start: float|None = None, command: str|None = None) -> dict:
-    "Run the whole workload within `budget_s` seconds (from `t_start`), writing `out/benchmarks.{json,md}` as it goes."
+    """Run the whole workload within `budget_s` seconds (from `t_start`), writing `out/benchmarks.{json,md}` as it goes
+    (`torch_compile`: True also times the compiled step, 'only' times the reference and the compiled step alone)."""
     device, size, run = _start(out, size, budget_s, torch_compile, seed, t_start, command)
     R = run.R
     if device.type == 'cuda':
@@ -776,14 +819,17 @@ def run_benchmarks(out, size: str = 'auto', budget_s: float = 330, torch_compile
     w = _workload(run, device, size, seed, *made)
     R['padding'] = run.phase('padding by batching', 1,
                              lambda: padding_by_batching(w.ds['train'], w.col['ours'], w.cfg['ours'], seed))
-    ours = _training_phases(w)
-    if torch_compile: _compiled_phases(w, ('reduce-overhead',))   # never measured on a GPU: before the rest
-    g = _generation_phases(w)
-    _where_time_goes(w)
-    if torch_compile: _compiled_phases(w, ('default',))
-    _batch_sweep(w, ours)
-    _checkpoint_phase(w)
-    _extra_phases(w, g)
+    if torch_compile == 'only':   # the reference for the speed-up, then the compiled steps with all the budget
+        _training_phases(w, ('reference',))
+        _compiled_phases(w, tuple(COMPILE_PHASES))
+    else:
+        ours = _training_phases(w)
+        g = _generation_phases(w)
+        _where_time_goes(w)
+        _batch_sweep(w, ours)
+        _checkpoint_phase(w)
+        _extra_phases(w, g)
+        if torch_compile: _compiled_phases(w, tuple(COMPILE_PHASES))   # minutes of compiling: what is left
     R['status'] = 'done' if all(ph['status'] == 'done' for ph in R['phases']) else 'partial'
     R['errors'] = [ph['name'] for ph in R['phases'] if ph['status'].startswith('error')]
     run.save()
@@ -851,12 +897,11 @@ def limits(R: dict) -> list[str]:
         )
     if R.get('checkpoint') and ours:
         ck = R['checkpoint']['seconds']
+        every = 100 * ours['batch_size'] / ours['samples_per_s']   # seconds of 100 steps
         out.append(
-            f"One checkpoint (model and optimiser state, {_f(R['checkpoint']['gb'], 2)} GB) takes {_f(ck, 1)} s: with "
-            "the default "
-            f"`save_every=100` at batch {ours['batch_size']} that is "
-            f"{_f(100 * ck / (ck + 100 * ours['batch_size'] / ours['samples_per_s']), 0)}% "
-            "of a run's time; raise `save_every` for long GPU runs."
+            f"One checkpoint (model and optimiser state, {_f(R['checkpoint']['gb'], 2)} GB) takes {_f(ck, 1)} s: every "
+            f"100 steps at batch {ours['batch_size']} that would be {_f(100 * ck / (ck + every), 0)}% of a run's time; "
+            f"the trainer's default, one every 10 minutes (`save_minutes`), makes it {_f(100 * ck / (ck + 600), 1)}%."
         )
     return out
 
@@ -946,9 +991,11 @@ def benchmarks_markdown(R: dict) -> str:
     cell = lambda x: _f(x, 4) if isinstance(x, float) else _f(x)
     lines += [f'| {name} | ' + ' | '.join(cell(r.get(k)) for k in keys) + ' |' for name, r in rows if r]
     gkeys = ('songs', 'songs_timed', 'batch_size', 'batches_timed', 'batches', 'seconds_timed', 'seconds',
-             'extrapolated', 'new_tokens_per_song', 'tokens_per_s', 'do_sample', 'precision', 'peak_memory_gb')
+             'extrapolated', 'batch_seconds', 'new_tokens_per_song', 'tokens_per_s', 'do_sample', 'precision',
+             'peak_memory_gb')
     lines += ['', '| generation | ' + ' | '.join(gkeys) + ' |', '|---' * (len(gkeys) + 1) + '|']
-    named = (('original regime', gr), ('ours', go), ('ours, batch 256', gen.get('ours_batch_256')))
+    named = (('original regime', gr), ('ours', go), ('ours, batch 256', gen.get('ours_batch_256')),
+             ('ours, cuDNN attention allowed', gen.get('ours_cudnn_allowed')))
     lines += [f'| {name} | ' + ' | '.join(_f(r.get(k)) for k in gkeys) + ' |' for name, r in named if r]
     if R.get('padding'):
         lines += ['', "Padding by batching (one epoch of the training songs, padded to ours' buckets; data only):", '',
@@ -979,7 +1026,7 @@ def benchmarks_markdown(R: dict) -> str:
 
 # %% ../nbs/08_benchmarks.ipynb #84358c9e
 def main(argv: list[str]|None = None):
-    "Command line: `python -m alcap.benchmarks --out DIR [--size auto|tiny|full] [--budget-s N] [--compile]`."
+    "Command line: `python -m alcap.benchmarks --out DIR [--size auto|tiny|full] [--budget-s N] [--compile[-only]]`."
     p = argparse.ArgumentParser(prog='python -m alcap.benchmarks',
                                 description='Time training and captioning: the reference regime against ours.')
     p.add_argument('--out', required=True, help='folder for benchmarks.json and benchmarks.md')
@@ -990,13 +1037,16 @@ def main(argv: list[str]|None = None):
     p.add_argument(
         '--compile', action='store_true',
         help='also time our training step under torch.compile, with CUDA graphs and without (about 300 s more)')
+    p.add_argument('--compile-only', action='store_true',
+                   help='time only the reference regime and our step under torch.compile (the whole budget for them)')
     p.add_argument('--seed', type=int, default=0)
     a = p.parse_args(argv)
     if not a.budget_s > 0: p.error(f'--budget-s must be positive, got {a.budget_s:g}')
     if a.size == 'full' and not torch.cuda.is_available():
         p.error("--size full needs a CUDA GPU; use --size tiny on a CPU")
     cmd = 'python -m alcap.benchmarks ' + ' '.join(argv if argv is not None else sys.argv[1:])
-    try: R = run_benchmarks(a.out, a.size, a.budget_s, a.compile, a.seed, t_start=_T_START, command=cmd)
+    mode = 'only' if a.compile_only else a.compile
+    try: R = run_benchmarks(a.out, a.size, a.budget_s, mode, a.seed, t_start=_T_START, command=cmd)
     except Exception as e:   # one line here; the partial results and the traceback are in --out
         print(f'error: {type(e).__name__}: {(str(e).splitlines() or [""])[0]} (see {a.out})', file=sys.stderr)
         sys.exit(1)

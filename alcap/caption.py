@@ -18,7 +18,7 @@ from .core import parse_value
 from .data import Collator
 from .model import AlcapForConditionalGeneration
 from .music import SR, AudioError, CNNSAEncoder, MusicnnEncoder, excerpt, load_audio
-from .train import tf32_matmuls, uses_bf16
+from .train import decoding_attention, tf32_matmuls, uses_bf16
 
 # %% auto #0
 __all__ = ['tiny_run', 'CaptionError', 'find_model', 'run_parameters', 'music_settings', 'build_encoder', 'Captioner',
@@ -277,7 +277,7 @@ def _generate(self: Captioner, ids, music=None) -> list[str]:
     keys = ('input_ids', 'attention_mask', 'music_features', 'music_attention_mask')
     kw = {k: b[k].to(self.device) for k in keys if k in b}
     use_bf16 = self.device.type == 'cuda' and uses_bf16(self.precision, cuda=True)  # as training's autocast on a GPU
-    with tf32_matmuls(self.precision, self.device), (
+    with tf32_matmuls(self.precision, self.device), decoding_attention(), (
             torch.autocast('cuda', dtype=torch.bfloat16) if use_bf16 else nullcontext()):
         out = self.model.generate(**kw, **self.generation)
     return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]

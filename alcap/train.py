@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
 from tqdm import tqdm
 from transformers import AutoConfig
@@ -32,16 +33,16 @@ from .metrics import compute_metrics
 # %% auto #0
 __all__ = ['DATASETS', 'DEMO_N', 'OPTIMIZERS', 'SCHEDULES', 'TEXT_INITS', 'MODEL_SIZES', 'PRECISIONS', 'LM_HEADS',
            'COMPILE_MODES', 'PRESETS', 'OPTIMIZER_LRS', 'RECIPES', 'RECIPE_OPTIONS', 'BEST_METRICS',
-           'GENERATION_PARAMS', 'TF32_OPERANDS', 'STEP_FIELDS', 'EPOCH_FIELDS', 'TrainConfig', 'validate',
-           'check_train_params', 'Dist', 'setup_distributed', 'seed_everything', 'load_dataset_songs',
+           'DECODING_SDPA_BACKENDS', 'GENERATION_PARAMS', 'TF32_OPERANDS', 'STEP_FIELDS', 'EPOCH_FIELDS', 'TrainConfig',
+           'validate', 'check_train_params', 'Dist', 'setup_distributed', 'seed_everything', 'load_dataset_songs',
            'ensure_features', 'fusion_layers', 'build_model', 'build_optimizer', 'save_torch', 'save_checkpoint',
-           'load_checkpoint', 'generation_kwargs', 'generation_settings', 'generate_captions', 'uses_bf16', 'uses_tf32',
-           'to_tf32', 'TF32Emulation', 'tf32_matmuls', 'precision_scope', 'CsvLog', 'run_tokenizer', 'write_captions',
-           'data_manifest', 'same_data', 'Run', 'load_run_data', 'train_sampler', 'recipe_batch', 'add_model',
-           'nothing_to_train', 'write_run_config', 'cuda_graphs', 'compiled', 'attach_loop', 'default_num_workers',
-           'train_loader', 'contrast_weight', 'host_indices', 'train_step', 'StepWindow', 'train_epoch',
-           'validation_losses', 'generation_scores', 'validate_epoch', 'end_epoch', 'finish_run', 'inference_settings',
-           'finish', 'train', 'train_cli']
+           'load_checkpoint', 'decoding_attention', 'generation_kwargs', 'generation_settings', 'generate_captions',
+           'uses_bf16', 'uses_tf32', 'to_tf32', 'TF32Emulation', 'tf32_matmuls', 'precision_scope', 'CsvLog',
+           'run_tokenizer', 'write_captions', 'data_manifest', 'same_data', 'Run', 'load_run_data', 'train_sampler',
+           'recipe_batch', 'add_model', 'nothing_to_train', 'write_run_config', 'cuda_graphs', 'compiled',
+           'attach_loop', 'default_num_workers', 'train_loader', 'contrast_weight', 'host_indices', 'train_step',
+           'StepWindow', 'SaveSchedule', 'train_epoch', 'validation_losses', 'generation_scores', 'validate_epoch',
+           'end_epoch', 'finish_run', 'inference_settings', 'finish', 'train', 'train_cli']
 
 # %% ../nbs/03_train.ipynb #3244ccbe
 DATASETS = ('demo', 'si-full', 'si-votes-ge0', 'si-votes-gt0', 'ncm', 'jsonl')
@@ -154,7 +155,8 @@ class TrainConfig:
     no_repeat_ngram_size: int|None = None
     length_penalty: float|None = None
     output_dir: str|None = None           # None: runs/<dataset>_<method>_s<seed>
-    save_every: int = 100                 # steps between mid-epoch checkpoints
+    save_every: int|None = None           # steps between mid-epoch checkpoints; None: about every save_minutes
+    save_minutes: float = 10.0            # wall clock between mid-epoch checkpoints when save_every is None
     max_steps: int|None = None            # stop at this optimiser step, counted from the run's start
                                           # (tests, quick looks)
     num_workers: int|None = None          # data-loading processes (None: 4 on a GPU, so collation overlaps the step;
@@ -233,11 +235,12 @@ def _check_choices(c: TrainConfig):
 # %% ../nbs/03_train.ipynb #58b5714a
 def _check_numbers(c: TrainConfig):
     "Sizes, rates and lengths in their ranges; a best_metric that the run computes."
-    for k in ('tau', 'lr', 'top_p', 'fusion_scale'):
+    for k in ('tau', 'lr', 'top_p', 'fusion_scale', 'save_minutes'):
         if getattr(c, k) is not None and not getattr(c, k) > 0:
             raise ValueError(f"parameter {k}={getattr(c, k)!r}: must be > 0")
     for k in ('epochs', 'batch_size', 'max_source_len', 'max_target_len', 'num_beams', 'eval_every', 'save_every'):
         v = getattr(c, k)
+        if k == 'save_every' and v is None: continue
         if not (isinstance(v, int) and v >= 1): raise ValueError(f"parameter {k}={v!r}: must be a positive integer")
     for k in ('max_new_tokens', 'max_length', 'min_length', 'no_repeat_ngram_size'):
         v = getattr(c, k)
@@ -451,6 +454,13 @@ def load_checkpoint(path, model, opt=None, sched=None, rank: int|None = None) ->
     if 'cuda' in rng and torch.cuda.is_available(): torch.cuda.set_rng_state(rng['cuda'])
     return ck['state']
 
+# %% ../nbs/03_train.ipynb #7341d418
+DECODING_SDPA_BACKENDS = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
+
+def decoding_attention(backends=DECODING_SDPA_BACKENDS):
+    "SDPA kernels for step-by-step decoding: `backends` (default: all but cuDNN's), or PyTorch's choice with None."
+    return nullcontext() if backends is None else sdpa_kernel(list(backends))
+
 # %% ../nbs/03_train.ipynb #66038cdc
 GENERATION_PARAMS = ('num_beams', 'max_new_tokens', 'max_length', 'min_length', 'do_sample', 'top_p',
                      'early_stopping', 'no_repeat_ngram_size', 'length_penalty')
@@ -473,8 +483,10 @@ def generation_settings(c: TrainConfig, model) -> dict:
 
 @torch.no_grad()
 def generate_captions(model, dataset: SongDataset, tokenizer, collate, c: TrainConfig, device, indices=None,
-                      batch_size: int|None = None, stats: dict|None = None) -> list[str]:
-    "Captions for `dataset` items (all, or `indices`), in order; `stats`, when given, receives the new-token count."
+                      batch_size: int|None = None, stats: dict|None = None,
+                      sdpa_backends=DECODING_SDPA_BACKENDS) -> list[str]:
+    """Captions for `dataset` items (all, or `indices`), in order; `stats`, when given, receives the new-token count.
+    `sdpa_backends`: the attention kernels decoding may use (`decoding_attention`)."""
     model.eval()
     # beam search is a few hundred small sequential steps: on a GPU, the bigger the batch the fewer of them
     batch_size = batch_size or (128 if device.type == 'cuda' else 32)
@@ -486,7 +498,8 @@ def generate_captions(model, dataset: SongDataset, tokenizer, collate, c: TrainC
         chunk = order[k:k + batch_size]
         b = collate([dataset[i] for i in chunk])
         kw = {key: b[key].to(device, non_blocking=True) for key in inputs if key in b}
-        with precision_scope(c, device): ids = model.generate(**kw, **generation_kwargs(c, model))
+        with precision_scope(c, device), decoding_attention(sdpa_backends):
+            ids = model.generate(**kw, **generation_kwargs(c, model))
         ids = ids.cpu()
         new_tokens += int(ids[:, 1:].ne(model.config.pad_token_id).sum())   # the first is the decoder start token
         for i, text in zip(chunk, tokenizer.batch_decode(ids, skip_special_tokens=True)): out[i] = text.strip()
@@ -594,8 +607,8 @@ def write_captions(path, songs, predictions):
 
 # %% ../nbs/03_train.ipynb #64f68bed
 # how the steps are computed, not what they compute: a run may resume with other values
-_RUN_KEYS_ALLOWED_TO_CHANGE = {'output_dir', 'max_steps', 'num_workers', 'save_every', 'torch_compile', 'compile_mode',
-                               'lm_head'}
+_RUN_KEYS_ALLOWED_TO_CHANGE = {'output_dir', 'max_steps', 'num_workers', 'save_every', 'save_minutes', 'torch_compile',
+                               'compile_mode', 'lm_head'}
 
 def data_manifest(data_dir) -> dict|None:
     "The dataset's `dataset.json` (a run records it as what it was trained on), or None for data without one."
@@ -640,10 +653,13 @@ class Run:
     fwd: object = None                    # what a step calls: the model, or its DDP or compiled wrapper
     step_log: CsvLog|None = None          # main process only
     epoch_log: CsvLog|None = None
+    saves: object = None                  # the SaveSchedule of mid-epoch checkpoints (train_epoch makes it)
 
-    def checkpoint(self):
+    def checkpoint(self, mid_epoch: bool = False):
         "Save `checkpoints/last.pt`: every process calls it (each gives its RNG state), the main one writes."
+        t0 = time.perf_counter()
         save_checkpoint(self.out/'checkpoints'/'last.pt', self.model, self.opt, self.sched, dict(self.state), self.ctx)
+        if self.saves is not None: self.saves.saved(self.state['step'], time.perf_counter() - t0, mid_epoch)
 
 # %% ../nbs/03_train.ipynb #aeffddfb
 def load_run_data(c: TrainConfig, ctx: Dist) -> Run:
@@ -854,6 +870,34 @@ class StepWindow:
         self.rows, self.t = [], now
         return out
 
+# %% ../nbs/03_train.ipynb #24add8e7
+class SaveSchedule:
+    "The steps at which mid-epoch checkpoints fall: every `every`, or (None) about every `minutes` of wall clock."
+    first_steps = 50   # before the first timed checkpoint: a pace to measure
+
+    def __init__(self, every: int|None, minutes: float, ctx: Dist|None = None, step: int = 0, clock=time.perf_counter):
+        self.timed, self.every, self.minutes, self.ctx, self.clock = every is None, every, minutes, ctx, clock
+        self.n = self.first_steps                            # the steps between timed checkpoints, as last measured
+        self.next, self.t, self.from_step = step + self.n, clock(), step
+
+    def due(self, step: int) -> bool:
+        "Whether to checkpoint after `step`."
+        return step >= self.next if self.timed else step % self.every == 0
+
+    def saved(self, step: int, write_s: float = 0.0, measure: bool = True):
+        "A checkpoint was written after `step` in `write_s` s; `measure`: set the next interval from this one's pace."
+        now = self.clock()
+        if self.timed and measure and step > self.from_step:
+            pace = max(now - self.t - write_s, 1e-9) / (step - self.from_step)   # seconds per step
+            n = max(1, int(self.minutes * 60 / pace))
+            if self.ctx is not None and self.ctx.world > 1:   # every process saves at the same step
+                t = torch.tensor(n, device=self.ctx.device)
+                dist.all_reduce(t, op=dist.ReduceOp.MIN)
+                n = int(t)
+            self.n = n
+        if self.timed: self.next = step + self.n
+        self.t, self.from_step = now, step
+
 # %% ../nbs/03_train.ipynb #df266ba4
 def train_epoch(run: Run, progress: bool = True, log_every: int = 1) -> list[float]|None:
     "Train the rest of the current epoch; its step losses, or None when max_steps stopped it (checkpoint written)."
@@ -867,6 +911,7 @@ def train_epoch(run: Run, progress: bool = True, log_every: int = 1) -> list[flo
     bar = tqdm(loader, desc=f'epoch {epoch + 1}/{c.epochs}', disable=not (progress and ctx.main), mininterval=2,
                file=sys.stderr)
     window = StepWindow(log_every)                 # its clock runs from here: starting the loader counts
+    if run.saves is None: run.saves = SaveSchedule(c.save_every, c.save_minutes, ctx, state['step'])
 
     def log(rows):
         losses.extend(r['loss'] for r in rows)
@@ -879,13 +924,13 @@ def train_epoch(run: Run, progress: bool = True, log_every: int = 1) -> list[flo
         step_losses = train_step(run.fwd, run.model, batch, run.opt, run.sched, c, ctx.device, ctx.world)
         state['step'] += 1
         state['batches_done'] += 1
-        save = state['step'] % c.save_every == 0
+        save = run.saves.due(state['step'])
         stop = c.max_steps is not None and state['step'] >= c.max_steps
         at = epoch + state['batches_done'] / run.steps_per_epoch
         full = window.add(n, step_losses, step=state['step'], epoch=at, lr=run.sched.get_last_lr()[0])
         if full or save or stop: log(window.flush())
         if save:
-            run.checkpoint()
+            run.checkpoint(mid_epoch=True)
             window.restart_clock()
         if stop:
             run.checkpoint()

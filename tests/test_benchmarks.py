@@ -72,3 +72,39 @@ def test_precision_names_say_what_runs():
     names = {p: (precision_name(p, cpu), precision_name(p, gpu)) for p in kinds}
     assert names == {'fp32': ('fp32', 'fp32'), 'tf32': ('fp32', 'tf32'), 'auto': ('fp32', 'bf16 autocast'),
                      'bf16': ('bf16 autocast', 'bf16 autocast'), 'tf32-emulated': ('tf32 (emulated)', 'tf32 (emulated)')}
+
+
+def test_warm_shapes_keeps_first_shapes_out_of_the_clock():
+    "A long run meets each bucket shape once: with warm_shapes the timed steps meet none for the first time."
+    from alcap.benchmarks import _si_data, measure_training, regime_collator, regime_config, si_model
+    p = SIZES['tiny']
+    tok, ds = _si_data({}, p, 0)
+    c = regime_config('ours', 'tiny')
+    col, cpu = regime_collator('ours', c, tok), torch.device('cpu')
+    runs = {}
+    for warm in (False, True):
+        torch.manual_seed(0)
+        runs[warm] = measure_training(si_model('tiny', tok, p['d_m']), ds['train'], col, c, cpu, steps=8, warmup=1,
+                                      warm_shapes=warm)
+    cold, warm = runs[False], runs[True]
+    assert cold['shapes_first_seen_timed'] > 0 and warm['shapes_first_seen_timed'] == 0
+    assert warm['warmup_steps'] == 1 + cold['shapes_first_seen_timed']   # one extra step per shape the clock met
+    assert warm['steps'] == cold['steps'] == 8 and warm['distinct_shapes'] == cold['distinct_shapes']
+
+
+def test_compile_only_times_the_reference_and_the_compiled_steps(tmp_path):
+    r = _cli('--out', str(tmp_path), '--compile-only', '--budget-s', '200')
+    assert r.returncode == 0, r.stderr
+    R = json.loads((tmp_path/'benchmarks.json').read_text())
+    names = [ph['name'] for ph in R['phases']]
+    assert [n for n in names if n.startswith('training')] == [
+        'training, reference regime', 'training, ours, torch.compile with CUDA graphs', 'training, ours, torch.compile']
+    assert not any(n.startswith('generation') for n in names) and R['command'].endswith('--compile-only --budget-s 200')
+    assert set(R['train']) == {'reference', 'ours_cuda_graphs', 'ours_compiled'}
+
+
+def test_generation_records_each_batch(tmp_path):
+    R = run_benchmarks(tmp_path, 'tiny', budget_s=200)
+    g = R['generation']['ours']
+    assert len(g['batch_seconds']) == g['batches_timed'] and all(s > 0 for s in g['batch_seconds'])
+    assert 'ours_cudnn_allowed' not in R['generation']   # a CPU has no cuDNN attention to compare with

@@ -295,3 +295,19 @@ def test_gpu_captions_match_the_cpu(runs, tmp_path):
     assert n_cpu == n_gpu and np.abs(h_cpu - h_gpu).max() < 1e-2  # cuDNN convolutions may use TF32
     given = [dict(x, h_m=cpu.music_features(x['audio'])[0]) for x in songs]
     assert fp32.caption_batch(given) == cpu.caption_batch(given)
+
+
+def test_captioner_decodes_without_cudnn_attention(runs, monkeypatch):
+    "cuDNN builds a plan per new key length: every attention call while captioning runs with it switched off."
+    import torch.nn.functional as F
+    seen, sdpa = [], F.scaled_dot_product_attention
+
+    def spy(*a, **kw):
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return sdpa(*a, **kw)
+
+    s = runs['songs'][3]
+    monkeypatch.setattr(F, 'scaled_dot_product_attention', spy)
+    assert Captioner.from_pretrained(runs['alcap'], min_new_tokens=3).caption(s.audio_path, s.lyrics)
+    assert seen and not any(seen)
+    assert torch.backends.cuda.cudnn_sdp_enabled()   # put back after

@@ -370,3 +370,95 @@ def test_a_run_is_compared_as_this_machine_runs_it(tmp_path):
     for cfg, cuda in (({'precision': 'tf32', 'lr': 0.1}, True), ({'precision': 'bf16', 'lr': 0.1}, False),
                       ({'precision': 'fp32', 'lr': 0.2}, False)):
         with pytest.raises(ValueError, match='holds a run with other parameters'): _check_same_run(tmp_path, cfg, cuda)
+
+
+def test_generate_captions_decodes_without_cudnn_attention(monkeypatch):
+    "Each decoding step's new key length would make cuDNN build a new plan: generation leaves its kernels out."
+    import torch.nn.functional as F
+    from alcap.benchmarks import SIZES, _si_data, regime_collator, regime_config, si_model
+    from alcap.train import generate_captions
+    tok, ds = _si_data({}, SIZES['tiny'], 0)
+    torch.manual_seed(0)
+    model = si_model('tiny', tok, SIZES['tiny']['d_m'])
+    c = dataclasses.replace(regime_config('ours', 'tiny'), max_new_tokens=3)
+    col, cpu, seen, sdpa = regime_collator('ours', c, tok), torch.device('cpu'), [], F.scaled_dot_product_attention
+
+    def spy(*a, **kw):
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return sdpa(*a, **kw)
+
+    monkeypatch.setattr(F, 'scaled_dot_product_attention', spy)
+    ours = generate_captions(model, ds['test'], tok, col, c, cpu, indices=range(3))
+    assert seen and not any(seen) and torch.backends.cuda.cudnn_sdp_enabled()
+    seen.clear()
+    torch_choice = generate_captions(model, ds['test'], tok, col, c, cpu, indices=range(3), sdpa_backends=None)
+    assert seen and all(seen)
+    assert ours == torch_choice   # on a CPU the kernels are the same: cuDNN attention is GPU-only
+
+
+@pytest.mark.gpu
+def test_gpu_generation_runs_no_cudnn_attention():
+    "bf16 captioning on a GPU: no cuDNN attention kernel (hence no per-shape plan), the same captions as its kernels."
+    from torch.profiler import ProfilerActivity, profile
+    from alcap.benchmarks import SIZES, _si_data, regime_collator, regime_config, si_model
+    from alcap.train import generate_captions
+    assert torch.cuda.is_available()
+    device = torch.device('cuda')
+    tok, ds = _si_data({}, SIZES['tiny'], 0)
+    torch.manual_seed(0)
+    model = si_model('tiny', tok, SIZES['tiny']['d_m']).to(device)
+    c = dataclasses.replace(regime_config('ours', 'tiny'), max_new_tokens=6, precision='bf16')
+    col = regime_collator('ours', c, tok)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        ours = generate_captions(model, ds['test'], tok, col, c, device, indices=range(8))
+    ops = {e.key for e in prof.key_averages()}
+    assert not [k for k in ops if 'cudnn' in k.lower() and 'attention' in k.lower()], sorted(ops)
+    assert any('attention' in k for k in ops)   # attention ran, on another kernel
+    assert len(ours) == 8
+
+
+def test_save_schedule_fills_the_minutes_with_steps():
+    "Timed checkpoints: 50 steps first, then as many steps as the measured pace fits into save_minutes."
+    from alcap.train import SaveSchedule
+    now = [0.0]
+    s = SaveSchedule(None, 0.052, step=100, clock=lambda: now[0])   # 3.12 s
+    due = []
+    for step in range(101, 400):
+        now[0] += 0.5 if step <= 110 else 0.0625   # a slow start (compiling), then the pace
+        if s.due(step):
+            due.append(step)
+            now[0] += 3.0                        # the write, left out of the pace
+            s.saved(step, write_s=3.0)
+    # 50 steps in 7.5 s: 20 steps fit into 3.12 s; they take 1.25 s, so the interval becomes 49 steps
+    assert due[:4] == [150, 170, 219, 268] and s.n == 49
+    s.saved(380, measure=False)                  # an epoch's end: the count restarts, the interval stays
+    assert s.next == 380 + 49
+    assert [k for k in range(1, 8) if SaveSchedule(3, 10).due(k)] == [3, 6]
+
+
+def test_save_parameters_are_checked(tiny_data, tmp_path):
+    c = lambda **kw: validate(tiny_config(tiny_data, tmp_path, **kw).resolve())
+    with pytest.raises(ValueError, match='save_minutes=0'): c(save_every=None, save_minutes=0)
+    with pytest.raises(ValueError, match='save_every=0'): c(save_every=0)
+    assert c(save_every=None).save_every is None
+
+
+def _save_schedule_rank(rank, port, out):
+    "One of two gloo processes: its own pace (rank 1 twice as fast), then the interval both agreed on."
+    import torch.distributed as dist
+    from alcap.train import Dist, SaveSchedule
+    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=2)
+    now = [0.0]
+    s = SaveSchedule(None, 1, Dist(rank=rank, world=2), clock=lambda: now[0])
+    now[0] += 50 * (0.5 if rank == 0 else 0.25)    # 50 steps: rank 0 at 0.5 s a step, rank 1 at 0.25 s
+    s.saved(50)
+    Path(out, f'{rank}.json').write_text(json.dumps([s.n, s.next]))
+    dist.destroy_process_group()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="gloo on CPU processes, as the DDP test above")
+def test_processes_agree_on_the_timed_checkpoints(tmp_path):
+    "Every process checkpoints at the same step: each measures its own pace, all take the smallest interval."
+    torch.multiprocessing.spawn(_save_schedule_rank, args=(_free_port(), str(tmp_path)), nprocs=2)
+    got = [json.loads((tmp_path/f'{r}.json').read_text()) for r in (0, 1)]
+    assert got[0] == got[1] == [120, 170]   # 60 s at rank 0's 0.5 s a step: 120 steps, not rank 1's 240
