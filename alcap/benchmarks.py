@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
-from torch._dynamo.utils import counters
+from torch._dynamo.utils import compilation_time_metrics, counters
 from torch._inductor.cudagraph_utils import cudagraphs_log
 from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -31,9 +31,9 @@ from .train import (DECODING_SDPA_BACKENDS, RECIPE_OPTIONS, Dist, StepWindow, Tr
 __all__ = ['SI_LYRICS_TOKENS', 'SI_CAPTION_TOKENS', 'SI_MAX_TOKENS', 'SIZES', 'REGIMES', 'HEADLINE', 'COMPILE_FLAGS',
            'COMPILE_PHASES', 'COMPILE_NEED_S', 'COMPILED', 'si_shaped_songs', 'si_tokenizer', 'train_flops', 'si_model',
            'regime_config', 'regime_collator', 'matmul_peak_tflops', 'precision_name', 'measure_training',
-           'cudagraph_skips', 'measure_loader', 'measure_generation', 'padding_by_batching', 'profile_training',
-           'host_syncs', 'measure_optimizer', 'versions', 'version_warnings', 'smoke_check', 'run_benchmarks', 'limits',
-           'benchmarks_markdown', 'main', 'regime_losses', 'converge_both']
+           'cudagraph_skips', 'compile_work', 'measure_loader', 'measure_generation', 'padding_by_batching',
+           'profile_training', 'host_syncs', 'measure_optimizer', 'versions', 'version_warnings', 'smoke_check',
+           'run_benchmarks', 'limits', 'benchmarks_markdown', 'main', 'regime_losses', 'converge_both']
 
 # %% ../nbs/08_benchmarks.ipynb #9c772546
 SI_LYRICS_TOKENS, SI_CAPTION_TOKENS, SI_MAX_TOKENS = (351, 186,
@@ -284,6 +284,19 @@ def cudagraph_skips():
         cudagraphs_log.removeHandler(handler)
         seen['count'] = counters['inductor']['cudagraph_skips'] - before
         seen['reasons'] = sorted({r[:300] for r in seen['reasons']})[:3]
+
+# %% ../nbs/08_benchmarks.ipynb #bbd8d7a8
+def _compile_seconds() -> float:
+    "Dynamo's own timer of compiling frames, so far in this process (torch 2.11 compiles a backward with its forward)."
+    return sum(compilation_time_metrics.get('_compile.compile_inner', ()))
+
+@contextlib.contextmanager
+def compile_work():
+    "The graphs dynamo compiled inside the block and the seconds it took, as `{'graphs': n, 'seconds': s}`."
+    seen, graphs, seconds = dict(graphs=0, seconds=0.0), counters['stats']['unique_graphs'], _compile_seconds()
+    try: yield seen
+    finally:
+        seen.update(graphs=counters['stats']['unique_graphs'] - graphs, seconds=round(_compile_seconds() - seconds, 1))
 
 # %% ../nbs/08_benchmarks.ipynb #d3a69a2b
 def measure_loader(dataset, collate, c: TrainConfig, device, batches: int = 50, seed: int = 0) -> dict:
@@ -621,12 +634,13 @@ class _Workload:
             head = 'auto' if compile_mode == 'reduce-overhead' else c.lm_head
             c = dataclasses.replace(c, torch_compile=True, compile_mode=compile_mode, lm_head=head)
         warmup = self.p['warmup'] if warmup is None else warmup
-        with cudagraph_skips() as skipped:
+        with cudagraph_skips() as skipped, compile_work() as work:
             r = measure_training(self.model, self.ds['train'], self.col[regime], c, self.device,
                                  steps or self.p['steps'], warmup, time_cap=cap, seed=self.seed,
                                  authors_adafactor=regime == 'reference', warm_shapes=True)
         if r['compile_mode'] == 'reduce-overhead':   # compiled, hence on a GPU: did every graph replay as one?
             r.update(cudagraph_skips=skipped['count'], cudagraph_skip_reasons=skipped['reasons'])
+        if r['compile_mode']: r.update(graphs_compiled=work['graphs'], compile_seconds=work['seconds'])
         peak = (self.run.R.get('peak') or {}).get('tflops')
         r['mfu'] = round(r['flops_per_s'] / (peak * 1e12), 4) if peak else None
         r.pop('losses')
@@ -876,6 +890,11 @@ def limits(R: dict) -> list[str]:
     if skipped.get('cudagraph_skips'):
         out.append(f"Under CUDA graphs inductor skipped {skipped['cudagraph_skips']} graph(s), which then ran launched "
                    f"kernel by kernel: {'; '.join(skipped['cudagraph_skip_reasons'])}.")
+    for k, name in COMPILED.items():
+        r = (R.get('train') or {}).get(k) or {}
+        if r.get('graphs_compiled') is not None:
+            out.append(f"Under {name} the warm-up took {_f(r['warmup_seconds'])} s, {_f(r['compile_seconds'])} s of it "
+                       f"compiling {r['graphs_compiled']} graph(s); a run pays it once.")
     o = R.get('optimizer_step')
     if o:
         tf, sf = o['transformers'], o['sync_free']
@@ -986,7 +1005,7 @@ def benchmarks_markdown(R: dict) -> str:
     rows += [(f'training, ours, {_compiled_name(name, tr[k])}', tr[k]) for k, name in COMPILED.items() if tr.get(k)]
     keys = ('batch_size', 'steps', 'warmup_steps', 'warmup_seconds', 'seconds', 'samples_per_s', 'tokens_per_s', 'mfu',
             'padding_fraction', 'distinct_shapes', 'shapes_first_seen_timed', 'precision', 'optimizer', 'compile_mode',
-            'cudagraph_skips', 'peak_memory_gb', 'final_loss', 'error')
+            'graphs_compiled', 'compile_seconds', 'cudagraph_skips', 'peak_memory_gb', 'final_loss', 'error')
     lines += ['| run | ' + ' | '.join(keys) + ' |', '|---' * (len(keys) + 1) + '|']
     cell = lambda x: _f(x, 4) if isinstance(x, float) else _f(x)
     lines += [f'| {name} | ' + ' | '.join(cell(r.get(k)) for k in keys) + ' |' for name, r in rows if r]

@@ -108,3 +108,14 @@ def test_generation_records_each_batch(tmp_path):
     g = R['generation']['ours']
     assert len(g['batch_seconds']) == g['batches_timed'] and all(s > 0 for s in g['batch_seconds'])
     assert 'ours_cudnn_allowed' not in R['generation']   # a CPU has no cuDNN attention to compare with
+
+
+def test_the_report_says_where_a_compiled_warm_up_went():
+    from alcap.benchmarks import benchmarks_markdown, limits
+    row = dict(batch_size=26, samples_per_s=500.0, warmup_seconds=310.0, compile_seconds=250.4, graphs_compiled=3,
+               compile_mode='reduce-overhead', cudagraph_skips=0)
+    R = dict(status='done', train=dict(reference=dict(samples_per_s=60.0), ours_cuda_graphs=row))
+    assert ('Under torch.compile with CUDA graphs the warm-up took 310.0 s, 250.4 s of it compiling 3 graph(s); '
+            'a run pays it once.') in limits(R)
+    assert '| 3 | 250.4000 |' in benchmarks_markdown(R)   # the details table's graphs_compiled, compile_seconds
+    assert not any('compiling' in s for s in limits(dict(R, train=dict(ours_cuda_graphs=dict(row, graphs_compiled=None)))))
