@@ -193,13 +193,15 @@ def _optimizer_name(c: TrainConfig, device, authors_adafactor: bool = False) -> 
     if c.optimizer == 'adamw': return f"adamw{' (fused)' if device.type == 'cuda' else ''}"
     return f"{c.optimizer} ({'transformers' if authors_adafactor else 'SyncFreeAdafactor'})"
 
+def _batch_shape(b: dict) -> tuple: return b['input_ids'].shape[1], b['labels'].shape[1]
+
 def _unseen_shapes(dataset, collate, c: TrainConfig, device, seed: int, warmup: int, steps: int) -> list[dict]:
     "One batch of each shape that the timed steps after `warmup` meet and the warm-up does not (on the device)."
     batches = _epochs(dataset, _sampler(dataset, c, seed), collate, c, device)   # the same batches, in the same order
     seen, out = set(), []
     for k in range(warmup + steps):
         b = next(batches)
-        shape = (b['input_ids'].shape[1], b['labels'].shape[1])
+        shape = _batch_shape(b)
         if k >= warmup and shape not in seen: out.append(b)
         seen.add(shape)
     return out
@@ -220,7 +222,7 @@ def measure_training(model, dataset, collate, c: TrainConfig, device, steps: int
     n = dict(samples=0, tokens=0, padded=0, flops=0.0)
     t_start, t0, done, new_timed = time.perf_counter(), None, 0, 0
     for b in extra:    # the shapes' first use (kernel plans, compiling, CUDA graphs) falls in the warm-up
-        shapes.add((b['input_ids'].shape[1], b['labels'].shape[1]))
+        shapes.add(_batch_shape(b))
         if window.add(len(b['input_ids']), train_step(fwd, model, b, opt, sched, c, device)): rows += window.flush()
     batches = _epochs(dataset, sampler, collate, c, device)
     for k in range(warmup + steps):
@@ -230,7 +232,7 @@ def measure_training(model, dataset, collate, c: TrainConfig, device, steps: int
             t0, n = time.perf_counter(), dict(samples=0, tokens=0, padded=0, flops=0.0)
         b = next(batches)
         S, T = b['attention_mask'].sum(1).numpy(), b['labels'].ne(-100).sum(1).numpy()
-        shape = (b['input_ids'].shape[1], b['labels'].shape[1])
+        shape = _batch_shape(b)
         new_timed += t0 is not None and shape not in shapes   # compiled: a new shape compiles or records in the clock
         shapes.add(shape)
         n['samples'] += len(S)
@@ -663,15 +665,15 @@ def _workload(run: _Run, device, size: str, seed: int, tok, ds: dict) -> _Worklo
     return _Workload(run, device, size, seed, tok, ds, model, init, cfg, col)
 
 # %% ../nbs/08_benchmarks.ipynb #d46f8ce1
-def _training_phases(w: _Workload, regimes: tuple = REGIMES) -> dict|None:
-    "Training throughput of the `regimes` at the paper's batch; ours' measurement (None if it did not run)."
+def _training_phases(w: _Workload, reference_only: bool = False) -> dict|None:
+    "Training throughput of the regimes (or the reference alone) at the paper's batch; ours' measurement or None."
     R, train = w.run.R, w.run.R.setdefault('train', {})
     ref = w.run.phase('training, reference regime', w.need(20),
                       lambda: w.train('reference', steps=w.p['ref_steps'], warmup=2, cap=25))
     if ref:
         train['reference'] = ref
         R['reference_train_samples_per_s'] = ref['samples_per_s']
-    if regimes == ('reference',): return None
+    if reference_only: return None
     ours = w.run.phase('training, ours', w.need(40), lambda: w.train('ours', cap=45))
     if ours:
         train['ours'] = ours
@@ -834,7 +836,7 @@ def run_benchmarks(out, size: str = 'auto', budget_s: float = 330, torch_compile
     R['padding'] = run.phase('padding by batching', 1,
                              lambda: padding_by_batching(w.ds['train'], w.col['ours'], w.cfg['ours'], seed))
     if torch_compile == 'only':   # the reference for the speed-up, then the compiled steps with all the budget
-        _training_phases(w, ('reference',))
+        _training_phases(w, reference_only=True)
         _compiled_phases(w, tuple(COMPILE_PHASES))
     else:
         ours = _training_phases(w)
@@ -916,11 +918,12 @@ def limits(R: dict) -> list[str]:
         )
     if R.get('checkpoint') and ours:
         ck = R['checkpoint']['seconds']
-        every = 100 * ours['batch_size'] / ours['samples_per_s']   # seconds of 100 steps
+        every, minutes = 100 * ours['batch_size'] / ours['samples_per_s'], TrainConfig.save_minutes   # s, min
         out.append(
             f"One checkpoint (model and optimiser state, {_f(R['checkpoint']['gb'], 2)} GB) takes {_f(ck, 1)} s: every "
             f"100 steps at batch {ours['batch_size']} that would be {_f(100 * ck / (ck + every), 0)}% of a run's time; "
-            f"the trainer's default, one every 10 minutes (`save_minutes`), makes it {_f(100 * ck / (ck + 600), 1)}%."
+            f"the trainer's default, one every {minutes:g} minutes (`save_minutes`), makes it "
+            f"{_f(100 * ck / (ck + 60 * minutes), 1)}%."
         )
     return out
 

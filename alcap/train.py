@@ -876,9 +876,12 @@ class SaveSchedule:
     first_steps = 50   # before the first timed checkpoint: a pace to measure
 
     def __init__(self, every: int|None, minutes: float, ctx: Dist|None = None, step: int = 0, clock=time.perf_counter):
-        self.timed, self.every, self.minutes, self.ctx, self.clock = every is None, every, minutes, ctx, clock
+        self.every, self.minutes, self.ctx, self.clock = every, minutes, ctx, clock
         self.n = self.first_steps                            # the steps between timed checkpoints, as last measured
         self.next, self.t, self.from_step = step + self.n, clock(), step
+
+    @property
+    def timed(self) -> bool: return self.every is None
 
     def due(self, step: int) -> bool:
         "Whether to checkpoint after `step`."

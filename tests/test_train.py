@@ -372,22 +372,15 @@ def test_a_run_is_compared_as_this_machine_runs_it(tmp_path):
         with pytest.raises(ValueError, match='holds a run with other parameters'): _check_same_run(tmp_path, cfg, cuda)
 
 
-def test_generate_captions_decodes_without_cudnn_attention(monkeypatch):
+def test_generate_captions_decodes_without_cudnn_attention(sdpa_cudnn_flags):
     "Each decoding step's new key length would make cuDNN build a new plan: generation leaves its kernels out."
-    import torch.nn.functional as F
     from alcap.benchmarks import SIZES, _si_data, regime_collator, regime_config, si_model
     from alcap.train import generate_captions
     tok, ds = _si_data({}, SIZES['tiny'], 0)
     torch.manual_seed(0)
     model = si_model('tiny', tok, SIZES['tiny']['d_m'])
     c = dataclasses.replace(regime_config('ours', 'tiny'), max_new_tokens=3)
-    col, cpu, seen, sdpa = regime_collator('ours', c, tok), torch.device('cpu'), [], F.scaled_dot_product_attention
-
-    def spy(*a, **kw):
-        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
-        return sdpa(*a, **kw)
-
-    monkeypatch.setattr(F, 'scaled_dot_product_attention', spy)
+    col, cpu, seen = regime_collator('ours', c, tok), torch.device('cpu'), sdpa_cudnn_flags
     ours = generate_captions(model, ds['test'], tok, col, c, cpu, indices=range(3))
     assert seen and not any(seen) and torch.backends.cuda.cudnn_sdp_enabled()
     seen.clear()
