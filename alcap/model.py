@@ -11,8 +11,9 @@ import copy
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 import torch, torch.nn as nn, torch.nn.functional as F
+from fastcore.basics import patch
 from transformers import AutoConfig, AutoModel, BartConfig, BartForConditionalGeneration, GenerationMixin
-from transformers.masking_utils import create_bidirectional_mask
+from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
 from transformers.models.bart.modeling_bart import BartModel, BartPreTrainedModel, shift_tokens_right
 from .core import hub_reachable
@@ -162,6 +163,7 @@ class AlcapForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.shared.weight"}
     _keys_to_ignore_on_load_missing = ["final_logits_bias"]
     vocab_multiple = 64   # on a GPU the LM head's matmul sees |V| padded to this (see "A vocabulary the GPU likes")
+    skip_unpadded_masks = None   # leave out a mask that pads nothing: None = off a GPU only ("A step that never waits")
 
     def __init__(self, config: AlcapConfig):
         super().__init__(config.validate())
@@ -191,7 +193,7 @@ class AlcapForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
         x = enc.embed_tokens(input_ids)
         h = enc.layernorm_embedding(x + enc.embed_positions(x[:, :, -1]))
         h = F.dropout(h, p=enc.dropout, training=self.training)
-        mask = create_bidirectional_mask(config=enc.config, inputs_embeds=x, attention_mask=attention_mask)
+        mask = self.key_padding_mask(x, attention_mask)
         places = cfg.fusion_positions() if cfg.use_music else []
         if places and music_features is None:
             raise ValueError(f"method {cfg.method!r} needs music_features (B, l_m, {cfg.d_music})")
@@ -234,10 +236,14 @@ class AlcapForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
         if encoder_outputs is None:
             encoder_outputs = self.encode(
                 input_ids, attention_mask, music_features, music_attention_mask, output_fusion_attentions)
-        dec = self.model.decoder(input_ids=decoder_input_ids, attention_mask=decoder_attention_mask,
-                                 encoder_hidden_states=encoder_outputs.last_hidden_state,
-                                 encoder_attention_mask=attention_mask, use_cache=use_cache, **{CACHE_NAME: cache})
-        hidden = dec.last_hidden_state
+        h_enc = encoder_outputs.last_hidden_state
+        if use_cache is False and cache is None and decoder_attention_mask is None:   # teacher forcing, no cache
+            dec, hidden = None, self.decode(decoder_input_ids, h_enc, attention_mask)
+        else:
+            dec = self.model.decoder(input_ids=decoder_input_ids, attention_mask=decoder_attention_mask,
+                                     encoder_hidden_states=h_enc, encoder_attention_mask=attention_mask,
+                                     use_cache=use_cache, **{CACHE_NAME: cache})
+            hidden = dec.last_hidden_state
         if label_index is not None:   # label_index: the LM head runs on those positions of labels.flatten() only
             hidden = hidden.flatten(0, 1).index_select(0, label_index)
         logits = self.lm_logits(hidden)
@@ -258,7 +264,7 @@ class AlcapForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
         maps = getattr(encoder_outputs, 'fusion_attentions', None) if output_fusion_attentions else None
         return AlcapOutput(loss=loss, loss_cap=loss_cap, loss_contrast=loss_contrast, logits=logits,
                            encoder_last_hidden_state=encoder_outputs.last_hidden_state, fusion_attentions=maps,
-                           **{CACHE_NAME: getattr(dec, CACHE_NAME)})
+                           **{CACHE_NAME: getattr(dec, CACHE_NAME, None)})
 
     def _reorder_cache(self, cache, beam_idx):
         "Beam search: reorder the self-attention cache only; every beam of a song has the same cross-attention keys."
@@ -293,3 +299,25 @@ class AlcapForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
         return cls(AlcapConfig.for_method(method, bart_config, text_init='random', **options))
 
 AutoModel.register(AlcapConfig, AlcapForConditionalGeneration)
+
+# %% ../nbs/02a_model.ipynb #cc52aa13
+@patch
+def key_padding_mask(self: AlcapForConditionalGeneration, x, attention_mask, encoder_hidden_states=None):
+    '''The attention implementation's mask of `attention_mask`'s padded keys for queries shaped like `x` (keys: `x`, or
+    `encoder_hidden_states`); None where nothing is padded, only if `skip_unpadded_masks` allows reading the mask.'''
+    skip = self.skip_unpadded_masks if self.skip_unpadded_masks is not None else not x.is_cuda
+    return create_bidirectional_mask(config=self.config, inputs_embeds=x, attention_mask=attention_mask,
+                                     encoder_hidden_states=encoder_hidden_states, allow_is_bidirectional_skip=skip)
+
+@patch
+def decode(self: AlcapForConditionalGeneration, decoder_input_ids, encoder_hidden_states, attention_mask=None):
+    "BART's decoder under teacher forcing without a KV cache: causal self-attention that reads no mask back."
+    dec = self.model.decoder
+    x = dec.embed_tokens(decoder_input_ids)
+    h = dec.layernorm_embedding(x + dec.embed_positions(decoder_input_ids))
+    h = F.dropout(h, p=dec.dropout, training=self.training)
+    causal = create_causal_mask(self.config, x, None, None)   # None under SDPA (its causal flag); eager needs the mask
+    cross = self.key_padding_mask(x, attention_mask, encoder_hidden_states)
+    for layer in dec.layers:   # decoder layerdrop is not applied either
+        h = layer(h, causal, encoder_hidden_states, encoder_attention_mask=cross, use_cache=False)
+    return h

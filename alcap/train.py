@@ -40,9 +40,10 @@ __all__ = ['DATASETS', 'DEMO_N', 'OPTIMIZERS', 'SCHEDULES', 'TEXT_INITS', 'MODEL
            'uses_bf16', 'uses_tf32', 'to_tf32', 'TF32Emulation', 'tf32_matmuls', 'precision_scope', 'CsvLog',
            'run_tokenizer', 'write_captions', 'data_manifest', 'same_data', 'Run', 'load_run_data', 'train_sampler',
            'recipe_batch', 'add_model', 'nothing_to_train', 'write_run_config', 'cuda_graphs', 'compiled',
-           'attach_loop', 'default_num_workers', 'train_loader', 'contrast_weight', 'host_indices', 'train_step',
-           'StepWindow', 'SaveSchedule', 'train_epoch', 'validation_losses', 'generation_scores', 'validate_epoch',
-           'end_epoch', 'finish_run', 'inference_settings', 'finish', 'train', 'train_cli']
+           'mark_lengths_dynamic', 'attach_loop', 'default_num_workers', 'train_loader', 'contrast_weight',
+           'host_indices', 'train_step', 'StepWindow', 'SaveSchedule', 'train_epoch', 'validation_losses',
+           'generation_scores', 'validate_epoch', 'end_epoch', 'finish_run', 'inference_settings', 'finish', 'train',
+           'train_cli']
 
 # %% ../nbs/03_train.ipynb #3244ccbe
 DATASETS = ('demo', 'si-full', 'si-votes-ge0', 'si-votes-gt0', 'ncm', 'jsonl')
@@ -759,6 +760,12 @@ def compiled(fwd, c: TrainConfig, device):
     "`fwd` under `torch.compile` in `c.compile_mode` where `c.torch_compile` asks for it on a GPU; else `fwd` itself."
     return torch.compile(fwd, mode=c.compile_mode) if c.torch_compile and device.type == 'cuda' else fwd
 
+def mark_lengths_dynamic(fwd, batch: dict, indices: dict):
+    "When `fwd` is compiled: the batch's text lengths, which change from batch to batch, become symbols from the start."
+    if not isinstance(fwd, torch._dynamo.eval_frame.OptimizedModule): return
+    for k in ('input_ids', 'attention_mask', 'labels'): torch._dynamo.maybe_mark_dynamic(batch[k], 1)
+    if 'label_index' in indices: torch._dynamo.maybe_mark_dynamic(indices['label_index'], 0)
+
 def attach_loop(run: Run) -> Run:
     "The forward the steps call and, on the main process, the step and epoch logs."
     ctx, fwd = run.ctx, run.model
@@ -822,6 +829,7 @@ def train_step(fwd, model, batch, opt, sched, c: TrainConfig, device, world: int
     if world > 1: dist.all_reduce(counts)
     n_tok, n_pos = counts[0], counts[1]
     graphs = cuda_graphs(c, device)
+    mark_lengths_dynamic(fwd, batch, indices)
     if graphs: torch.compiler.cudagraph_mark_step_begin()   # a new step: the last one's graph outputs may be reused
     with tf32_matmuls(c.precision, device):   # the backward's matmuls too
         with _autocast(c, device): o = fwd(**batch, num_items_in_batch=n_tok, **indices)

@@ -320,14 +320,39 @@ def test_cuda_graph_inputs_give_the_eager_steps(monkeypatch):
     _assert_same_steps(_graph_steps(cpu, None), eager, rel=1e-6, abs_=1e-7, atol=1e-6, rtol=1e-5)
 
 
+def test_a_compiled_step_compiles_once_for_every_length():
+    "Under torch.compile the text lengths are symbols from the first batch: batches of several lengths, one graph."
+    import alcap.train as T
+    from torch._dynamo.utils import counters
+    from alcap.benchmarks import SIZES, _si_data, regime_collator, regime_config, si_model
+    tok, ds = _si_data({}, SIZES['tiny'], 0)
+    torch.manual_seed(0)
+    c = dataclasses.replace(regime_config('ours', 'tiny'), lm_head='labels')   # label_index: one more length
+    model = si_model('tiny', tok, SIZES['tiny']['d_m'])
+    opt, sched = T.build_optimizer(c, model, 10)
+    col = regime_collator('ours', c, tok)
+    batches = [col([ds['train'][i] for i in range(k, k + 4)]) for k in range(0, 40, 4)]
+    lengths = {(b['input_ids'].shape[1], b['labels'].shape[1]) for b in batches}
+    assert len({s for s, _ in lengths}) > 1 and len({t for _, t in lengths}) > 1   # both lengths vary
+    torch._dynamo.reset()
+    fwd = torch.compile(model, backend='eager')   # dynamo's tracing and guards, without generating kernels
+    before = counters['stats']['unique_graphs']
+    for b in batches: T.train_step(fwd, model, b, opt, sched, c, torch.device('cpu'))
+    assert counters['stats']['unique_graphs'] - before == 1
+    torch._dynamo.reset()
+
+
 @pytest.mark.gpu
 def test_gpu_cuda_graph_steps_are_the_eager_steps():
     "Steps replayed as CUDA graphs (compile_mode 'reduce-overhead') log and learn what the eager steps do."
     assert torch.cuda.is_available()
     torch.backends.cuda.matmul.allow_tf32 = False
     device = torch.device('cuda')
-    _assert_same_steps(_graph_steps(device, 'reduce-overhead'), _graph_steps(device, None),
-                       rel=1e-4, abs_=1e-5, atol=1e-4, rtol=1e-3)
+    from torch._dynamo.utils import counters
+    before = counters['stats']['unique_graphs']
+    graphed = _graph_steps(device, 'reduce-overhead')
+    assert counters['stats']['unique_graphs'] - before == 1   # two shapes, one compilation (mark_lengths_dynamic)
+    _assert_same_steps(graphed, _graph_steps(device, None), rel=1e-4, abs_=1e-5, atol=1e-4, rtol=1e-3)
 
 
 @pytest.mark.gpu
@@ -408,6 +433,19 @@ def test_gpu_generation_runs_no_cudnn_attention():
     assert not [k for k in ops if 'cudnn' in k.lower() and 'attention' in k.lower()], sorted(ops)
     assert any('attention' in k for k in ops)   # attention ran, on another kernel
     assert len(ours) == 8
+
+
+@pytest.mark.gpu
+def test_gpu_training_step_reads_nothing_back():
+    "One step of ours on a GPU makes the host wait for nothing: no mask, loss or index is read back inside it."
+    from alcap.benchmarks import SIZES, _si_data, host_syncs, regime_collator, regime_config, si_model
+    assert torch.cuda.is_available()
+    tok, ds = _si_data({}, SIZES['tiny'], 0)
+    torch.manual_seed(0)
+    c = regime_config('ours', 'tiny')
+    model = si_model('tiny', tok, SIZES['tiny']['d_m']).cuda()
+    syncs = host_syncs(model, ds['train'], regime_collator('ours', c, tok), c, torch.device('cuda'))
+    assert syncs['total'] == 0, syncs['sites']
 
 
 def test_save_schedule_fills_the_minutes_with_steps():
