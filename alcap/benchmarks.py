@@ -432,10 +432,15 @@ class _SyncSpy(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 def host_syncs(model, dataset, collate, c: TrainConfig, device, seed: int = 0) -> dict:
-    "Where one of the trainer's steps of `c` makes the host wait for `device` (after one step of warm-up)."
+    """Where one of the trainer's steps of `c` makes the host wait for `device` (after one step of warm-up), with the
+    model building its masks as on a GPU (on a CPU it reads them, which costs nothing there)."""
     opt, sched, batches = _warmed_up(model, dataset, collate, c, device, seed, warmup=1, steps=1)
     batch = next(batches)
-    with _SyncSpy(device) as spy: train_step(model, model, batch, opt, sched, c, device)
+    rule, model.skip_unpadded_masks = model.skip_unpadded_masks, False
+    try:
+        with _SyncSpy(device) as spy: train_step(model, model, batch, opt, sched, c, device)
+    finally:
+        model.skip_unpadded_masks = rule
     _sync(device)
     sites = [dict(op=op, site=site, count=n) for (op, site), n in sorted(spy.sites.items(), key=lambda x: -x[1])]
     return dict(total=sum(spy.sites.values()), sites=sites)
