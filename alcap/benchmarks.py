@@ -893,6 +893,8 @@ def limits(R: dict) -> list[str]:
         else:   # no queue on a CPU: the same reads are listed as what a GPU would wait for
             out.append(f"One step of ours reads {s['total']} values back from its tensors, which on a GPU would each "
                        f"make the host wait (on a CPU they cost nothing): {where}.")
+    elif s and R.get('device') == 'cuda':
+        out.append("One step of ours reads nothing back from the GPU: the host never waits for it inside a step.")
     skipped = (R.get('train') or {}).get('ours_cuda_graphs') or {}
     if skipped.get('cudagraph_skips'):
         out.append(f"Under CUDA graphs inductor skipped {skipped['cudagraph_skips']} graph(s), which then ran launched "

@@ -119,3 +119,14 @@ def test_the_report_says_where_a_compiled_warm_up_went():
             'a run pays it once.') in limits(R)
     assert '| 3 | 250.4000 |' in benchmarks_markdown(R)   # the details table's graphs_compiled, compile_seconds
     assert not any('compiling' in s for s in limits(dict(R, train=dict(ours_cuda_graphs=dict(row, graphs_compiled=None)))))
+
+
+def test_the_report_says_whether_a_step_waits_for_the_gpu():
+    from alcap.benchmarks import limits
+    site = dict(op='_local_scalar_dense', site='transformers/masking_utils.py:354 via model.py:194', count=1)
+    waits = limits(dict(device='cuda', syncs=dict(total=1, sites=[site])))
+    assert waits == ['One step of ours makes the host wait for the GPU 1 times, each emptying the queue of work ahead '
+                     'of it: _local_scalar_dense at transformers/masking_utils.py:354 via model.py:194 (x1).']
+    assert limits(dict(device='cuda', syncs=dict(total=0, sites=[]))) == [
+        'One step of ours reads nothing back from the GPU: the host never waits for it inside a step.']
+    assert limits(dict(device='cpu', syncs=dict(total=0, sites=[]))) == []   # a CPU has no queue to speak of
