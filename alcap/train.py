@@ -799,7 +799,7 @@ def contrast_weight(c: TrainConfig, n_counted, n_positions):
     # the original's caption loss averages over every label position, so its alpha weighed L_InfoNCE against a
     # caption loss n_counted / n_positions as large as a real-token mean ("Alpha"); 1 under that loss itself
     if c.alpha_scale == 'positions': return c.alpha * n_positions / n_counted
-    return n_counted.new_tensor(c.alpha, dtype=torch.float)
+    return n_counted.new_full((), c.alpha, dtype=torch.float)   # new_tensor would copy from the host and wait
 
 def _to(idx, device):
     # pinned, so that the copy does not wait for the GPU's queue as one from pageable memory would
@@ -825,7 +825,7 @@ def train_step(fwd, model, batch, opt, sched, c: TrainConfig, device, world: int
     indices = host_indices(batch, c, device, world)
     batch = recipe_batch({k: v.to(device, non_blocking=True) for k, v in batch.items()}, c, model.config.pad_token_id)
     y = batch['labels']
-    counts = torch.stack([y.ne(-100).sum(), y.new_tensor(len(y) * c.max_target_len)])  # label tokens, positions
+    counts = torch.stack([y.ne(-100).sum(), y.new_full((), len(y) * c.max_target_len)])  # label tokens, positions
     if world > 1: dist.all_reduce(counts)
     n_tok, n_pos = counts[0], counts[1]
     graphs = cuda_graphs(c, device)

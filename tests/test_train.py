@@ -437,15 +437,28 @@ def test_gpu_generation_runs_no_cudnn_attention():
 
 @pytest.mark.gpu
 def test_gpu_training_step_reads_nothing_back():
-    "One step of ours on a GPU makes the host wait for nothing: no mask, loss or index is read back inside it."
-    from alcap.benchmarks import SIZES, _si_data, host_syncs, regime_collator, regime_config, si_model
+    """One step of ours on a GPU makes the host wait for nothing: no mask, loss or index is read back inside it, and
+    no blocking copy (a tensor made from a Python number on the GPU copies from the host and waits)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+    from alcap.benchmarks import SIZES, _si_data, _warmed_up, host_syncs, regime_collator, regime_config, si_model
+    from alcap.train import train_step
     assert torch.cuda.is_available()
+    cuda = torch.device('cuda')
     tok, ds = _si_data({}, SIZES['tiny'], 0)
     torch.manual_seed(0)
     c = regime_config('ours', 'tiny')
     model = si_model('tiny', tok, SIZES['tiny']['d_m']).cuda()
-    syncs = host_syncs(model, ds['train'], regime_collator('ours', c, tok), c, torch.device('cuda'))
+    col = regime_collator('ours', c, tok)
+    syncs = host_syncs(model, ds['train'], col, c, cuda)
     assert syncs['total'] == 0, syncs['sites']
+    opt, sched, batches = _warmed_up(model, ds['train'], col, c, cuda, 0, warmup=1, steps=1)
+    batch = next(batches)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with record_function('one step'): train_step(model, model, batch, opt, sched, c, cuda)
+    span = next(e.time_range for e in prof.events() if e.name == 'one step')
+    waits = sorted({e.name for e in prof.events() if span.start <= e.time_range.start <= span.end
+                    and ('StreamSynchronize' in e.name or e.name == 'cudaMemcpy')})   # the profiler's own: outside
+    assert not waits, waits
 
 
 def test_save_schedule_fills_the_minutes_with_steps():
