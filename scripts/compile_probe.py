@@ -13,7 +13,8 @@ def arm(mark: bool, backend: str) -> dict:
     import numpy as np, torch
     from torch._dynamo.utils import counters
     import alcap.train as T
-    from alcap.benchmarks import SIZES, regime_collator, regime_config, si_model, si_shaped_songs, si_tokenizer
+    from alcap.benchmarks import (SIZES, _batch_shape, regime_collator, regime_config, si_model, si_shaped_songs,
+                                  si_tokenizer)
     from alcap.data import SongDataset
     if not mark: T.mark_lengths_dynamic = lambda *a: None   # dynamo's own rule: constants until a dimension changes
     torch.manual_seed(0)
@@ -30,7 +31,7 @@ def arm(mark: bool, backend: str) -> dict:
     for b in loader:
         t = time.perf_counter()
         T.train_step(fwd, model, b, opt, sched, c, torch.device('cpu'))
-        steps.append(dict(lengths=[b['input_ids'].shape[1], b['labels'].shape[1]],
+        steps.append(dict(lengths=list(_batch_shape(b)),
                           seconds=round(time.perf_counter() - t, 2), graphs=counters['stats']['unique_graphs']))
     return dict(marked=mark, backend=backend, seconds=round(time.perf_counter() - t0, 1),
                 graphs=counters['stats']['unique_graphs'], steps=steps)

@@ -324,7 +324,7 @@ def test_a_compiled_step_compiles_once_for_every_length():
     "Under torch.compile the text lengths are symbols from the first batch: batches of several lengths, one graph."
     import alcap.train as T
     from torch._dynamo.utils import counters
-    from alcap.benchmarks import SIZES, _si_data, regime_collator, regime_config, si_model
+    from alcap.benchmarks import SIZES, _batch_shape, _si_data, regime_collator, regime_config, si_model
     tok, ds = _si_data({}, SIZES['tiny'], 0)
     torch.manual_seed(0)
     c = dataclasses.replace(regime_config('ours', 'tiny'), lm_head='labels')   # label_index: one more length
@@ -332,7 +332,7 @@ def test_a_compiled_step_compiles_once_for_every_length():
     opt, sched = T.build_optimizer(c, model, 10)
     col = regime_collator('ours', c, tok)
     batches = [col([ds['train'][i] for i in range(k, k + 4)]) for k in range(0, 40, 4)]
-    lengths = {(b['input_ids'].shape[1], b['labels'].shape[1]) for b in batches}
+    lengths = {_batch_shape(b) for b in batches}
     assert len({s for s, _ in lengths}) > 1 and len({t for _, t in lengths}) > 1   # both lengths vary
     torch._dynamo.reset()
     fwd = torch.compile(model, backend='eager')   # dynamo's tracing and guards, without generating kernels
