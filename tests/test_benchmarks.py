@@ -103,6 +103,16 @@ def test_compile_only_times_the_reference_and_the_compiled_steps(tmp_path):
     assert set(R['train']) == {'reference', 'ours_cuda_graphs', 'ours_compiled'}
 
 
+def test_the_cuda_graph_step_comes_right_after_captioning(tmp_path):
+    "With --compile the row that decides the speed-up runs before the extras; the compiled step without graphs last."
+    R = run_benchmarks(tmp_path, 'tiny', budget_s=300, torch_compile=True)
+    names = [ph['name'] for ph in R['phases']]
+    graphs = names.index('training, ours, torch.compile with CUDA graphs')
+    assert names.index('generation, original regime (subset)') < graphs < names.index('profile of ours'), names
+    assert names[-1] == 'training, ours, torch.compile' and R['status'] == 'done', R['phases']
+    assert set(R['train']) >= {'reference', 'ours', 'defaults', 'ours_cuda_graphs', 'ours_compiled'}
+
+
 def test_generation_records_each_batch(tmp_path):
     R = run_benchmarks(tmp_path, 'tiny', budget_s=200)
     g = R['generation']['ours']
