@@ -1,4 +1,5 @@
-"""SyncFreeAdafactor against transformers' Adafactor: on a GPU (the CPU cases are tested in nbs/02c_adafactor)."""
+"""SyncFreeAdafactor against transformers' Adafactor: on a GPU, where parameters of one shape are updated stacked
+(the CPU cases, and the stacked path forced onto the CPU, are tested in nbs/02c_adafactor)."""
 import copy
 
 import pytest
@@ -11,7 +12,7 @@ from alcap.adafactor import SyncFreeAdafactor, count_step
 def net(device):
     torch.manual_seed(0)
     m = torch.nn.Sequential(torch.nn.Embedding(50, 24), torch.nn.Linear(24, 48), torch.nn.LayerNorm(48),
-                            torch.nn.Linear(48, 24), torch.nn.Linear(24, 24))
+                            torch.nn.Linear(48, 24), torch.nn.Linear(24, 24), torch.nn.Linear(24, 24))
     with torch.no_grad():
         m[1].bias.zero_()   # RMS below eps2: the step size is lr x eps2
         m[4].weight.zero_()
