@@ -49,7 +49,12 @@ def main():
     import torch
     from alcap.core import hardware
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out/'.write_check').touch()
+        (out/'.write_check').unlink()
+    except OSError as e:   # before minutes of compiling, not after
+        sys.exit(f'compile_probe: --out {args.out}: cannot write there ({e.strerror})')
     arms = []
     for name in ('unmarked', 'marked'):
         with tempfile.TemporaryDirectory() as cache:
