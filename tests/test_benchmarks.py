@@ -101,6 +101,8 @@ def test_compile_only_times_the_reference_and_the_compiled_steps(tmp_path):
         'training, reference regime', 'training, ours, torch.compile with CUDA graphs', 'training, ours, torch.compile']
     assert not any(n.startswith('generation') for n in names) and R['command'].endswith('--compile-only --budget-s 200')
     assert set(R['train']) == {'reference', 'ours_cuda_graphs', 'ours_compiled'}
+    headline = json.loads(r.stdout.strip().splitlines()[-1])   # what the command prints last: the compiled rows too
+    assert headline['cuda_graphs_train_speedup'] > 0 and headline['compiled_train_samples_per_s'] > 0, headline
 
 
 def test_the_cuda_graph_step_comes_right_after_captioning(tmp_path):
