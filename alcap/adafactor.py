@@ -148,10 +148,10 @@ def _update_stacked(self: SyncFreeAdafactor, group: dict, ps: list, t: int):
     "The update of parameters `ps` of one shape at step count `t`, on stacked tensors (no value read back)."
     states = [self.state[p] for p in ps]
     P, G = torch.stack(ps), torch.stack([p.grad for p in ps])
-    dims, size = tuple(range(1, P.ndim)), math.sqrt(ps[0].numel())
-    rms_x = torch.linalg.vector_norm(P, dim=dims).div_(size)
+    k, size = len(ps), math.sqrt(ps[0].numel())
+    rms_x = torch.linalg.vector_norm(P.reshape(k, -1), dim=1).div_(size)   # each parameter's, 0-dim ones too
     for st, r in zip(states, rms_x.unbind()): st['RMS'] = r
-    alphas = step_sizes(rms_x, group, on_host=False).view((-1,) + (1,) * len(dims))
+    alphas = step_sizes(rms_x, group, on_host=False).view((k,) + (1,) * (P.ndim - 1))
     beta2t = 1.0 - math.pow(t, group['decay_rate'])
     sq = torch.square(G).add_(group['eps'][0])
     if P.ndim >= 3:  # factored: R_t, C_t and their outer product
@@ -169,7 +169,7 @@ def _update_stacked(self: SyncFreeAdafactor, group: dict, ps: list, t: int):
         U = V.rsqrt()
     del sq
     U.mul_(G)
-    clip = torch.linalg.vector_norm(U, dim=dims).div_(size).div_(group['clip_threshold']).clamp_min_(1.0)
+    clip = torch.linalg.vector_norm(U.reshape(k, -1), dim=1).div_(size).div_(group['clip_threshold']).clamp_min_(1.0)
     U.div_(clip.view(alphas.shape)).mul_(alphas)
     if group['weight_decay'] != 0: torch._foreach_add_(ps, P.mul_(alphas * -group['weight_decay']).unbind())
     torch._foreach_sub_(ps, U.unbind())
