@@ -2,9 +2,9 @@
 # On a GPU machine without a package index (wheels from scripts/gpu_wheels.sh in .whl/), from the repository root:
 # the GPU-marked tests of the model, the optimiser and the trainer, then the whole benchmark with torch.compile,
 # written to $OUT (default: results/gpu_run). Everything ends within DEADLINE_S seconds of the script's start (default
-# 560: one device call with timeout_s=590, which leaves a 15-minute device session time to start the machine and
-# return the files): the benchmark gets what the tests leave, and fits its phases into it, the CUDA-graph step right
-# after training and captioning. With MODE=compile: no tests, and only the reference regime and ours under
+# 560, for one device call with timeout_s=590: a 15-minute device session still has the minutes to start the machine
+# and bring the files back). The benchmark gets what the tests leave and fits its phases into it, the CUDA-graph step
+# right after training and captioning. With MODE=compile: no tests, and only the reference regime and ours under
 # torch.compile (`--compile-only`), with the whole deadline for them.
 # Copy $OUT/benchmarks.{json,md} into results/ only from such a GPU run.
 set -o pipefail
