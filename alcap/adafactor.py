@@ -155,18 +155,15 @@ def _update_stacked(self: SyncFreeAdafactor, group: dict, ps: list, t: int):
     beta2t = 1.0 - math.pow(t, group['decay_rate'])
     sq = torch.square(G).add_(group['eps'][0])
     if P.ndim >= 3:  # factored: R_t, C_t and their outer product
-        R = torch.stack([st['exp_avg_sq_row'] for st in states])
-        C = torch.stack([st['exp_avg_sq_col'] for st in states])
-        R.mul_(beta2t).add_(sq.mean(dim=-1), alpha=1.0 - beta2t)
-        C.mul_(beta2t).add_(sq.mean(dim=-2), alpha=1.0 - beta2t)
-        torch._foreach_copy_([st['exp_avg_sq_row'] for st in states], R.unbind())
-        torch._foreach_copy_([st['exp_avg_sq_col'] for st in states], C.unbind())
+        rows, cols = [st['exp_avg_sq_row'] for st in states], [st['exp_avg_sq_col'] for st in states]
+        ema_(rows, sq.mean(dim=-1).unbind(), beta2t)
+        ema_(cols, sq.mean(dim=-2).unbind(), beta2t)
+        R, C = torch.stack(rows), torch.stack(cols)
         U = R.div(R.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1) * C.rsqrt().unsqueeze(-2)
     else:
-        V = torch.stack([st['exp_avg_sq'] for st in states])
-        V.mul_(beta2t).add_(sq, alpha=1.0 - beta2t)
-        torch._foreach_copy_([st['exp_avg_sq'] for st in states], V.unbind())
-        U = V.rsqrt()
+        vs = [st['exp_avg_sq'] for st in states]
+        ema_(vs, sq.unbind(), beta2t)
+        U = torch.stack(vs).rsqrt()
     del sq
     U.mul_(G)
     clip = torch.linalg.vector_norm(U.reshape(k, -1), dim=1).div_(size).div_(group['clip_threshold']).clamp_min_(1.0)
